@@ -1,0 +1,144 @@
+"""Public entry points: build a model from a config, create or load one."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from effdet_jax import registry
+from effdet_jax.models import efficientnet
+from effdet_jax.models.efficientdet import EfficientDet
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+MODEL_CONFIG_FILE = 'model_config.json'
+VARIABLES_DIR = 'variables'
+
+
+def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """The `model` config section of a named model, with overrides applied.
+
+  Raises ValueError for an unknown model name or an unknown field.
+  """
+  params = registry.get_model_params(name)
+  params.update(
+    backbone_survival_prob=None, dtype='float32', depthwise_impl='auto'
+  )
+  for key, value in overrides.items():
+    if key not in params:
+      raise ValueError(
+        f'unknown model field {key!r}; valid fields: {sorted(params)}'
+      )
+    params[key] = value
+  return ml_collections.ConfigDict(params)
+
+
+def build_model(cfg: Mapping[str, Any]) -> EfficientDet:
+  """EfficientDet from a `model` config section (ConfigDict or dict)."""
+  cfg = dict(cfg)
+  dtype = cfg.get('dtype', 'float32')
+  if dtype not in _DTYPES:
+    raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}')
+  spec = efficientnet.backbone_spec(
+    cfg['backbone_name'], cfg.get('backbone_survival_prob')
+  )
+  return EfficientDet(
+    backbone=spec,
+    num_classes=int(cfg['num_classes']),
+    num_anchors=int(cfg['num_scales']) * len(cfg['aspect_ratios']),
+    min_level=int(cfg['min_level']),
+    max_level=int(cfg['max_level']),
+    fpn_num_filters=int(cfg['fpn_num_filters']),
+    fpn_cell_repeats=int(cfg['fpn_cell_repeats']),
+    box_class_repeats=int(cfg['box_class_repeats']),
+    fpn_weight_method=cfg['fpn_weight_method'],
+    act_type=cfg['act_type'],
+    separable_conv=bool(cfg['separable_conv']),
+    apply_bn_for_resampling=bool(cfg['apply_bn_for_resampling']),
+    conv_after_downsample=bool(cfg['conv_after_downsample']),
+    conv_bn_act_pattern=bool(cfg['conv_bn_act_pattern']),
+    head_survival_prob=cfg.get('survival_prob'),
+    dtype=_DTYPES[dtype],
+    depthwise_impl=cfg.get('depthwise_impl', 'auto'),
+  )
+
+
+def _model_section(name_or_config: Any, overrides: dict) -> ml_collections.ConfigDict:
+  if isinstance(name_or_config, str):
+    return model_config(name_or_config, **overrides)
+  cfg = name_or_config
+  if 'model' in cfg:  # a full run config
+    cfg = cfg['model']
+  cfg = ml_collections.ConfigDict(dict(cfg))
+  for key, value in overrides.items():
+    if key not in cfg:
+      raise ValueError(f'unknown model field {key!r}; valid: {sorted(cfg)}')
+    cfg[key] = value
+  return cfg
+
+
+def init_variables(model: EfficientDet, rng: jax.Array | None = None) -> dict:
+  """Fresh variables ({'params', 'batch_stats'}); compiled, not eager."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  size = 2**model.max_level
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  return jax.jit(lambda r: model.init(r, images, train=False))(rng)
+
+
+def create_model(
+  name_or_config: Any, rng: jax.Array | None = None, **overrides: Any
+) -> tuple[EfficientDet, dict]:
+  """`(model, variables)` with freshly initialised variables.
+
+  Args:
+    name_or_config: a registry name ('efficientdet-d0', ...), a `model`
+      config section, or a full run config with a `model` section.
+    rng: PRNG key for the initialisers (default PRNGKey(0)).
+    **overrides: model fields, e.g. `num_classes=3`, `dtype='bfloat16'`.
+  """
+  cfg = _model_section(name_or_config, overrides)
+  model = build_model(cfg)
+  return model, init_variables(model, rng)
+
+
+def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
+  """Writes `model_config.json` and an orbax checkpoint of the variables."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=True)
+  cfg = ml_collections.ConfigDict(dict(model_cfg)).to_dict()
+  with open(os.path.join(path, MODEL_CONFIG_FILE), 'w') as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
+  ckptr.wait_until_finished()
+
+
+def load(path: str) -> tuple[EfficientDet, dict]:
+  """`(model, variables)` from a directory written by `save` / the converter."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  path = os.path.abspath(path)
+  cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(
+      f'{path} has no {MODEL_CONFIG_FILE}; expected a directory written by '
+      '`python -m effdet_jax.convert` or effdet_jax.api.save'
+    )
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  for key in ('image_size', 'aspect_ratios', 'mean_rgb', 'stddev_rgb'):
+    if isinstance(cfg.get(key), list):
+      cfg[key] = tuple(cfg[key])
+  model = build_model(cfg)
+  abstract = jax.eval_shape(lambda: init_variables(model))
+  variables = ocp.StandardCheckpointer().restore(
+    os.path.join(path, VARIABLES_DIR), abstract
+  )
+  return model, variables
