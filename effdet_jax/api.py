@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 
 from effdet_jax import registry
 from effdet_jax.models import efficientnet
@@ -23,19 +24,24 @@ VARIABLES_DIR = 'variables'
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The `model` config section of a named model, with overrides applied.
 
+  Holds the official hyper-parameters (registry) plus our knobs: head and
+  backbone drop-connect, compute dtype and the depthwise implementation.
   Raises ValueError for an unknown model name or an unknown field.
   """
-  params = registry.get_model_params(name)
-  params.update(
-    backbone_survival_prob=None, dtype='float32', depthwise_impl='auto'
-  )
+  cfg = ml_collections.ConfigDict(registry.get_model_params(name))
+  # Head drop-connect (official hparam `survival_prob`, default None = off).
+  cfg.survival_prob = config_dict.placeholder(float)
+  # Backbone drop-connect base survival; None = official (0 for b0, else 0.8).
+  cfg.backbone_survival_prob = config_dict.placeholder(float)
+  cfg.dtype = 'float32'  # compute dtype: float32 | bfloat16
+  cfg.depthwise_impl = 'auto'  # auto | shift | lax
   for key, value in overrides.items():
-    if key not in params:
+    if key not in cfg:
       raise ValueError(
-        f'unknown model field {key!r}; valid fields: {sorted(params)}'
+        f'unknown model field {key!r}; valid fields: {sorted(cfg)}'
       )
-    params[key] = value
-  return ml_collections.ConfigDict(params)
+    cfg[key] = value
+  return cfg
 
 
 def build_model(cfg: Mapping[str, Any]) -> EfficientDet:

@@ -39,6 +39,7 @@ class BlockArgs:
   output_filters: int
   se_ratio: float | None
   id_skip: bool = True
+  stage: int = 0  # index of the block's stage in the B0 table
 
 
 # Official B0 base blocks: (repeats, kernel, stride, expand, in, out, se).
@@ -126,6 +127,7 @@ def backbone_spec(name: str, survival_prob: float | None = None) -> BackboneSpec
           input_filters=fin if i == 0 else fout,
           output_filters=fout,
           se_ratio=None if lite else se,
+          stage=stage,
         )
       )
     if stage in _ENDPOINT_STAGES:

@@ -1,0 +1,63 @@
+"""Defaults for every run config; `configs/<model>.py` files are thin deltas.
+
+Sections: model (registry fields, overridable), data, train, eval, mesh,
+checkpoint. Every field has a default here so a command-line typo
+(`--config.model.fpn_num_filter=...`) is an error, not a silent default.
+The data/train/eval sections hold the official defaults (fact sheet §1.4);
+the input pipeline and the trainer read them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from effdet_jax import api
+
+
+def get_config(model_name: str = 'efficientdet-d0') -> ml_collections.ConfigDict:
+  """The full run config for a named model."""
+  config = ml_collections.ConfigDict()
+  config.model = api.model_config(model_name)
+
+  config.data = ml_collections.ConfigDict(
+    dict(
+      source='synthetic',  # tfrecord | tfds | coco_json | synthetic
+      train_pattern='',
+      eval_pattern='',
+      max_instances_per_image=100,
+      input_rand_hflip=True,
+      jitter_min=0.1,
+      jitter_max=2.0,
+      autoaugment_policy='',
+      skip_crowd_during_training=True,
+    )
+  )
+  config.train = ml_collections.ConfigDict(
+    dict(
+      global_batch_size=64,
+      num_epochs=300.0,
+      num_examples_per_epoch=120000,
+      learning_rate=0.08,  # per 64 images
+      lr_warmup_init=0.008,
+      lr_warmup_epoch=1.0,
+      lr_decay_method='cosine',
+      momentum=0.9,
+      weight_decay=4e-5,
+      clip_gradients_norm=10.0,
+      moving_average_decay=0.9998,
+      alpha=0.25,
+      gamma=1.5,
+      delta=0.1,
+      box_loss_weight=50.0,
+      label_smoothing=0.0,
+      seed=0,
+    )
+  )
+  config.eval = ml_collections.ConfigDict(
+    dict(batch_size=8, every_steps=0, max_nms_inputs=5000, max_output=100)
+  )
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))
+  config.checkpoint = ml_collections.ConfigDict(
+    dict(every_steps=1000, keep=3)
+  )
+  return config

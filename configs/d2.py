@@ -1,0 +1,11 @@
+"""EfficientDet-D2 (official `efficientdet-d2`, fact sheet §1.1).
+
+  python -m effdet_jax.tools.summary --config=configs/d2.py
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  del arg
+  return base.get_config('efficientdet-d2')

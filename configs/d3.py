@@ -1,0 +1,11 @@
+"""EfficientDet-D3 (official `efficientdet-d3`, fact sheet §1.1).
+
+  python -m effdet_jax.tools.summary --config=configs/d3.py
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  del arg
+  return base.get_config('efficientdet-d3')
