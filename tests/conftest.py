@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests run on the CPU; 8 fake devices for mesh tests."""
+
+import os
+import pathlib
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / 'shared'
+
+
+def _shared_dir() -> pathlib.Path:
+  env = os.environ.get('EFFDET_JAX_SHARED')
+  return pathlib.Path(env) if env else SHARED
+
+
+@pytest.fixture(scope='session')
+def oracle_dir() -> pathlib.Path:
+  path = _shared_dir() / 'oracle' / 'official-d0-256'
+  if not path.exists():
+    pytest.skip(f'official oracle not found at {path}')
+  return path
+
+
+@pytest.fixture(scope='session')
+def official_counts() -> dict:
+  import json
+
+  path = _shared_dir() / 'reference' / 'official-counts.json'
+  if not path.exists():
+    pytest.skip(f'official counts not found at {path}')
+  return json.loads(path.read_text())
