@@ -1,0 +1,31 @@
+"""Parameter counts and FLOPs against `shared/reference/official-counts.json`.
+
+Params must be equal exactly for every named model (the official Keras
+trainable count); FLOPs (TF profiler float ops // 2 at image_size) within 2%
+for D0-D7x.
+"""
+
+import pytest
+
+from effdet_jax import api, registry
+from effdet_jax.tools import summary
+
+
+@pytest.mark.parametrize('name', registry.model_names())
+def test_counts_equal_official(name, official_counts):
+  ref = official_counts[name]
+  s = summary.summarize(api.model_config(name))
+  assert s['params'] == ref['params']
+  assert s['bn_statistics'] == ref['bn_statistics']
+  assert s['params_split'] == ref['params_split']
+  assert s['image_size'] == list(ref['image_size'])
+  if ref['flops'] is not None:
+    assert s['flops'] == pytest.approx(ref['flops'], rel=0.02)
+
+
+def test_paper_table_flops_rounding(official_counts):
+  # The paper's FLOPs column (README table): D0 2.5B ... D7x 410B.
+  paper = {'efficientdet-d0': 2.5, 'efficientdet-d4': 55, 'efficientdet-d7x': 410}
+  for name, billions in paper.items():
+    flops = summary.summarize(api.model_config(name))['flops'] / 1e9
+    assert flops == pytest.approx(billions, rel=0.03)

@@ -1,0 +1,82 @@
+"""Layer semantics against TensorFlow itself (the official code's runtime)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effdet_jax.models import layers
+
+tf = pytest.importorskip('tensorflow')
+
+
+@pytest.mark.parametrize('size', [(9, 9), (8, 8), (7, 10), (1, 2)])
+@pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_depthwise_shift_equals_lax_and_tf(size, kernel, stride):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, *size, 6)).astype(np.float32)
+  k = rng.standard_normal((kernel, kernel, 6, 1)).astype(np.float32)
+  shift = layers.depthwise_conv(x, k, stride, impl='shift')
+  lax_ = layers.depthwise_conv(x, k, stride, impl='lax')
+  ref = tf.nn.depthwise_conv2d(x, k, [1, stride, stride, 1], 'SAME').numpy()
+  np.testing.assert_allclose(shift, ref, atol=1e-5)
+  np.testing.assert_allclose(lax_, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_depthwise_gradients_agree(stride):
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 11, 8, 5)).astype(np.float32)
+  k = rng.standard_normal((5, 5, 5, 1)).astype(np.float32)
+  w = rng.standard_normal((2, -(-11 // stride), -(-8 // stride), 5))
+
+  def loss(impl):
+    return lambda x, k: jnp.sum(layers.depthwise_conv(x, k, stride, impl) * w)
+
+  gs = jax.grad(loss('shift'), argnums=(0, 1))(x, k)
+  gl = jax.grad(loss('lax'), argnums=(0, 1))(x, k)
+  for a, b in zip(gs, gl):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tf_same_padding_is_asymmetric():
+  # Fact §2.11: extra padding goes bottom/right for stride-2 layers.
+  assert layers.same_padding(8, 3, 2) == (0, 1)
+  assert layers.same_padding(8, 5, 2) == (1, 2)
+  assert layers.same_padding(7, 3, 1) == (1, 1)
+  assert layers.same_padding(9, 3, 2) == (1, 1)
+
+
+@pytest.mark.parametrize('hw,out', [((2, 2), (4, 4)), ((3, 3), (5, 5)), ((4, 4), (7, 7)), ((3, 2), (5, 4))])
+def test_nearest_resize_matches_tf1(hw, out):
+  x = np.random.default_rng(2).standard_normal((1, *hw, 3)).astype(np.float32)
+  ours = layers.resize_nearest_legacy(jnp.asarray(x), *out)
+  ref = tf.compat.v1.image.resize_nearest_neighbor(x, out).numpy()
+  np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+@pytest.mark.parametrize('size', [5, 8, 3, 2])
+def test_max_pool_same_matches_tf(size):
+  x = np.random.default_rng(3).standard_normal((1, size, size, 4)).astype(np.float32)
+  x -= 10  # padded cells must never win, even against negatives
+  ours = layers.max_pool_same(jnp.asarray(x), 3, 2)
+  ref = tf.nn.max_pool2d(x, 3, 2, 'SAME').numpy()
+  np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_drop_connect_is_per_sample_and_unbiased():
+  x = jnp.ones((4000, 2, 2, 3))
+  y = layers.drop_connect(x, 0.8, jax.random.PRNGKey(0))
+  per_sample = np.asarray(y[:, 0, 0, 0])
+  assert set(np.unique(per_sample).round(4)) <= {0.0, 1.25}
+  assert np.all(np.asarray(y).reshape(4000, -1) == per_sample[:, None])
+  assert abs(per_sample.mean() - 1.0) < 0.05
+  np.testing.assert_array_equal(layers.drop_connect(x, 0.8, None), x)
+
+
+def test_activations():
+  x = jnp.linspace(-8, 8, 33)
+  np.testing.assert_allclose(layers.activation('swish')(x), tf.nn.swish(np.asarray(x)).numpy(), atol=1e-6)
+  np.testing.assert_allclose(layers.activation('relu6')(x), tf.nn.relu6(np.asarray(x)).numpy())
+  with pytest.raises(ValueError, match='valid'):
+    layers.activation('gelu_typo')
