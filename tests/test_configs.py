@@ -1,0 +1,70 @@
+"""Every config file builds; overrides work; typos and bad names fail loudly."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from effdet_jax import api, registry
+
+CONFIG_FILES = sorted(p.name for p in (REPO / 'configs').glob('*.py') if p.name not in ('__init__.py', 'base.py'))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name[:-3], REPO / 'configs' / name)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def test_one_config_per_model():
+  expected = {n.removeprefix('efficientdet-') + '.py' for n in registry.model_names()}
+  assert expected <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_config_builds_model(name):
+  cfg = _load(name)
+  for section in ('model', 'data', 'train', 'eval', 'mesh', 'checkpoint'):
+    assert section in cfg
+  official = registry.get_model_params(cfg.model.name)
+  for key, value in official.items():
+    assert cfg.model[key] == value, key
+  model = api.build_model(cfg.model)
+  assert model.num_anchors == 9
+
+
+def test_registry_facts():
+  d7 = registry.get_model_params('efficientdet-d7')
+  assert d7['backbone_name'] == 'efficientnet-b6' and d7['anchor_scale'] == 5.0
+  d7x = registry.get_model_params('efficientdet-d7x')
+  assert d7x['max_level'] == 8 and d7x['fpn_weight_method'] == 'sum'
+  lite3 = registry.get_model_params('efficientdet-lite3')
+  assert lite3['anchor_scale'] == 4.0 and lite3['act_type'] == 'relu6'
+  assert lite3['mean_rgb'] == (127.0, 127.0, 127.0)
+  assert registry.parse_image_size('640x384') == (384, 640)  # 'WxH'
+
+
+def test_unknown_model_lists_valid_names():
+  with pytest.raises(ValueError, match='efficientdet-lite3x'):
+    api.model_config('efficientdet-d9')
+
+
+def _summary(*flags):
+  return subprocess.run(
+    [sys.executable, '-m', 'effdet_jax.tools.summary', '--config=configs/d0.py', *flags],
+    cwd=REPO, capture_output=True, text=True,
+  )
+
+
+def test_command_line_override_and_typo():
+  ok = _summary('--config.model.num_classes=3', '--format=json')
+  assert ok.returncode == 0, ok.stderr
+  s = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert s['params_split']['class_net'] == 69354 - (810 - 27) * 64 - (810 - 27)
+  bad = _summary('--config.model.num_clases=3')
+  assert bad.returncode != 0
+  assert 'num_clases' in bad.stderr
