@@ -14,7 +14,9 @@ import ml_collections
 from effdet_jax import api
 
 
-def get_config(model_name: str = 'efficientdet-d0') -> ml_collections.ConfigDict:
+def get_config(
+  model_name: str = 'efficientdet-d0',
+) -> ml_collections.ConfigDict:
   """The full run config for a named model."""
   config = ml_collections.ConfigDict()
   config.model = api.model_config(model_name)
@@ -57,7 +59,5 @@ def get_config(model_name: str = 'efficientdet-d0') -> ml_collections.ConfigDict
     dict(batch_size=8, every_steps=0, max_nms_inputs=5000, max_output=100)
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))
-  config.checkpoint = ml_collections.ConfigDict(
-    dict(every_steps=1000, keep=3)
-  )
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   return config

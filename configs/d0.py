@@ -1,6 +1,6 @@
 """EfficientDet-D0 (official `efficientdet-d0`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d0.py
+python -m effdet_jax.tools.summary --config=configs/d0.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-D1 (official `efficientdet-d1`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d1.py
+python -m effdet_jax.tools.summary --config=configs/d1.py
 """
 
 from configs import base

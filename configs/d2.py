@@ -1,6 +1,6 @@
 """EfficientDet-D2 (official `efficientdet-d2`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d2.py
+python -m effdet_jax.tools.summary --config=configs/d2.py
 """
 
 from configs import base

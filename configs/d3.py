@@ -1,6 +1,6 @@
 """EfficientDet-D3 (official `efficientdet-d3`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d3.py
+python -m effdet_jax.tools.summary --config=configs/d3.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-D4 (official `efficientdet-d4`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d4.py
+python -m effdet_jax.tools.summary --config=configs/d4.py
 """
 
 from configs import base

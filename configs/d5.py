@@ -1,6 +1,6 @@
 """EfficientDet-D5 (official `efficientdet-d5`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d5.py
+python -m effdet_jax.tools.summary --config=configs/d5.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-D6 (official `efficientdet-d6`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d6.py
+python -m effdet_jax.tools.summary --config=configs/d6.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-D7 (official `efficientdet-d7`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d7.py
+python -m effdet_jax.tools.summary --config=configs/d7.py
 """
 
 from configs import base

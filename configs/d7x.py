@@ -1,6 +1,6 @@
 """EfficientDet-D7x (official `efficientdet-d7x`, fact sheet §1.1).
 
-  python -m effdet_jax.tools.summary --config=configs/d7x.py
+python -m effdet_jax.tools.summary --config=configs/d7x.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-Lite0 (official `efficientdet-lite0`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite0.py
+python -m effdet_jax.tools.summary --config=configs/lite0.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-Lite1 (official `efficientdet-lite1`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite1.py
+python -m effdet_jax.tools.summary --config=configs/lite1.py
 """
 
 from configs import base

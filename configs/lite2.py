@@ -1,6 +1,6 @@
 """EfficientDet-Lite2 (official `efficientdet-lite2`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite2.py
+python -m effdet_jax.tools.summary --config=configs/lite2.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-Lite3 (official `efficientdet-lite3`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite3.py
+python -m effdet_jax.tools.summary --config=configs/lite3.py
 """
 
 from configs import base

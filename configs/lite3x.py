@@ -1,6 +1,6 @@
 """EfficientDet-Lite3x (official `efficientdet-lite3x`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite3x.py
+python -m effdet_jax.tools.summary --config=configs/lite3x.py
 """
 
 from configs import base

@@ -1,6 +1,6 @@
 """EfficientDet-Lite4 (official `efficientdet-lite4`, fact sheet §1.2).
 
-  python -m effdet_jax.tools.summary --config=configs/lite4.py
+python -m effdet_jax.tools.summary --config=configs/lite4.py
 """
 
 from configs import base

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,11 @@ from effdet_jax import registry
 from effdet_jax.models import efficientnet
 from effdet_jax.models.efficientdet import EfficientDet
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+}
 
 MODEL_CONFIG_FILE = 'model_config.json'
 VARIABLES_DIR = 'variables'
@@ -74,7 +79,9 @@ def build_model(cfg: Mapping[str, Any]) -> EfficientDet:
   )
 
 
-def _model_section(name_or_config: Any, overrides: dict) -> ml_collections.ConfigDict:
+def _model_section(
+  name_or_config: Any, overrides: dict
+) -> ml_collections.ConfigDict:
   if isinstance(name_or_config, str):
     return model_config(name_or_config, **overrides)
   cfg = name_or_config
@@ -114,7 +121,7 @@ def create_model(
 
 def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
   """Writes `model_config.json` and an orbax checkpoint of the variables."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
@@ -128,7 +135,7 @@ def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
 
 def load(path: str) -> tuple[EfficientDet, dict]:
   """`(model, variables)` from a directory written by `save` / the converter."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
+  import orbax.checkpoint as ocp
 
   path = os.path.abspath(path)
   cfg_file = os.path.join(path, MODEL_CONFIG_FILE)

@@ -1,5 +1,7 @@
 """Architecture facts of the official code, written down as tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,16 +16,30 @@ def test_bifpn_node_list_levels_3_7():
   # Fact sheet §3.2: fnode inputs for P3-P7.
   nodes = bifpn.bifpn_nodes(3, 7)
   assert nodes == [
-    (6, [3, 4]), (5, [2, 5]), (4, [1, 6]), (3, [0, 7]),
-    (4, [1, 7, 8]), (5, [2, 6, 9]), (6, [3, 5, 10]), (7, [4, 11]),
+    (6, [3, 4]),
+    (5, [2, 5]),
+    (4, [1, 6]),
+    (3, [0, 7]),
+    (4, [1, 7, 8]),
+    (5, [2, 6, 9]),
+    (6, [3, 5, 10]),
+    (7, [4, 11]),
   ]
 
 
 def test_bifpn_node_list_levels_3_8():
   nodes = bifpn.bifpn_nodes(3, 8)
   assert [ids for _, ids in nodes] == [
-    [4, 5], [3, 6], [2, 7], [1, 8], [0, 9],
-    [1, 9, 10], [2, 8, 11], [3, 7, 12], [4, 6, 13], [5, 14],
+    [4, 5],
+    [3, 6],
+    [2, 7],
+    [1, 8],
+    [0, 9],
+    [1, 9, 10],
+    [2, 8, 11],
+    [3, 7, 12],
+    [4, 6, 13],
+    [5, 14],
   ]
 
 
@@ -54,19 +70,25 @@ def test_backbone_drop_connect_rule():
 def _names(name):
   model = effdet_jax.build_model(effdet_jax.model_config(name))
   v = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
-  return {'/'.join(p): x.shape for p, x in traverse_util.flatten_dict(v).items()}
+  return {
+    '/'.join(p): x.shape for p, x in traverse_util.flatten_dict(v).items()
+  }
 
 
 def test_d0_variable_names_mirror_official_scopes():
   names = _names('efficientdet-d0')
   # Cell 0 has five lateral 1x1 conv+BN (§3.4); later cells none.
   lateral = sorted(
-    '/'.join(n.split('/')[3:5]) for n in names
+    '/'.join(n.split('/')[3:5])
+    for n in names
     if n.startswith('params/fpn_cells/cell_0/') and n.endswith('conv2d/kernel')
   )
   assert lateral == [
-    'fnode1/resample_0_2_6', 'fnode2/resample_0_1_7', 'fnode3/resample_0_0_8',
-    'fnode4/resample_0_1_9', 'fnode5/resample_0_2_10',
+    'fnode1/resample_0_2_6',
+    'fnode2/resample_0_1_7',
+    'fnode3/resample_0_0_8',
+    'fnode4/resample_0_1_9',
+    'fnode5/resample_0_2_10',
   ]
   assert not any('resample' in n for n in names if '/cell_1/' in n)
   assert 'params/resample_p6/conv2d/kernel' in names
@@ -74,8 +96,15 @@ def test_d0_variable_names_mirror_official_scopes():
   # Per-level head BN with real level numbers (§4).
   for lvl in range(3, 8):
     assert f'batch_stats/class_net/class-2-bn-{lvl}/mean' in names
-  assert names['params/class_net/class-predict/pointwise_kernel'] == (1, 1, 64, 810)
-  assert names['params/backbone/blocks_1/depthwise_conv2d/depthwise_kernel'] == (3, 3, 96, 1)
+  assert names['params/class_net/class-predict/pointwise_kernel'] == (
+    1,
+    1,
+    64,
+    810,
+  )
+  assert names[
+    'params/backbone/blocks_1/depthwise_conv2d/depthwise_kernel'
+  ] == (3, 3, 96, 1)
   # SE reduces from the block's input filters: 16 * 0.25 = 4.
   assert names['params/backbone/blocks_1/se/conv2d/kernel'] == (1, 1, 96, 4)
   assert 'params/fpn_cells/cell_2/fnode4/WSM_2' in names
@@ -95,7 +124,9 @@ def test_initialisers_follow_official():
   np.testing.assert_allclose(bias, -np.log((1 - 0.01) / 0.01), rtol=1e-6)
   assert np.all(np.asarray(p['fpn_cells']['cell_0']['fnode0']['WSM']) == 1.0)
   # Backbone: N(0, sqrt(2 / fan_out)), fan_out = kh*kw*out.
-  k = np.asarray(p['backbone']['blocks_15']['conv2d']['kernel'])  # 1x1, 192->1152
+  k = np.asarray(
+    p['backbone']['blocks_15']['conv2d']['kernel']
+  )  # 1x1, 192->1152
   assert np.std(k) == pytest.approx(np.sqrt(2 / 1152), rel=0.05)
   # Heads: truncated normal, fan_in; truncated at 2 std.
   pw = np.asarray(p['class_net']['class-0']['pointwise_kernel'])
@@ -105,9 +136,12 @@ def test_initialisers_follow_official():
 
 def test_non_multiple_sizes_follow_ceil_halving():
   # lite0 at 320 and lite2 at 448 (§1.5): P7 is 3 and 4.
-  for name, size, p7 in (('efficientdet-lite0', 320, 3), ('efficientdet-lite2', 448, 4)):
+  for name, size, p7 in (
+    ('efficientdet-lite0', 320, 3),
+    ('efficientdet-lite2', 448, 4),
+  ):
     model = effdet_jax.build_model(effdet_jax.model_config(name))
-    v = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+    v = jax.eval_shape(functools.partial(effdet_jax.api.init_variables, model))
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     cls, box = jax.eval_shape(model.apply, v, x)
     assert [c.shape[1] for c in cls][-1] == p7

@@ -6,22 +6,30 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from effdet_jax import api, registry
 
-CONFIG_FILES = sorted(p.name for p in (REPO / 'configs').glob('*.py') if p.name not in ('__init__.py', 'base.py'))
+CONFIG_FILES = sorted(
+  p.name
+  for p in (REPO / 'configs').glob('*.py')
+  if p.name not in ('__init__.py', 'base.py')
+)
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(name[:-3], REPO / 'configs' / name)
+  spec = importlib.util.spec_from_file_location(
+    name[:-3], REPO / 'configs' / name
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
 
 
 def test_one_config_per_model():
-  expected = {n.removeprefix('efficientdet-') + '.py' for n in registry.model_names()}
+  expected = {
+    n.removeprefix('efficientdet-') + '.py' for n in registry.model_names()
+  }
   assert expected <= set(CONFIG_FILES)
 
 
@@ -55,8 +63,16 @@ def test_unknown_model_lists_valid_names():
 
 def _summary(*flags):
   return subprocess.run(
-    [sys.executable, '-m', 'effdet_jax.tools.summary', '--config=configs/d0.py', *flags],
-    cwd=REPO, capture_output=True, text=True,
+    [
+      sys.executable,
+      '-m',
+      'effdet_jax.tools.summary',
+      '--config=configs/d0.py',
+      *flags,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
   )
 
 

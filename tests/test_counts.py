@@ -25,7 +25,11 @@ def test_counts_equal_official(name, official_counts):
 
 def test_paper_table_flops_rounding(official_counts):
   # The paper's FLOPs column (README table): D0 2.5B ... D7x 410B.
-  paper = {'efficientdet-d0': 2.5, 'efficientdet-d4': 55, 'efficientdet-d7x': 410}
+  paper = {
+    'efficientdet-d0': 2.5,
+    'efficientdet-d4': 55,
+    'efficientdet-d7x': 410,
+  }
   for name, billions in paper.items():
     flops = summary.summarize(api.model_config(name))['flops'] / 1e9
     assert flops == pytest.approx(billions, rel=0.03)

@@ -35,7 +35,7 @@ def test_depthwise_gradients_agree(stride):
 
   gs = jax.grad(loss('shift'), argnums=(0, 1))(x, k)
   gl = jax.grad(loss('lax'), argnums=(0, 1))(x, k)
-  for a, b in zip(gs, gl):
+  for a, b in zip(gs, gl, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -47,7 +47,10 @@ def test_tf_same_padding_is_asymmetric():
   assert layers.same_padding(9, 3, 2) == (1, 1)
 
 
-@pytest.mark.parametrize('hw,out', [((2, 2), (4, 4)), ((3, 3), (5, 5)), ((4, 4), (7, 7)), ((3, 2), (5, 4))])
+@pytest.mark.parametrize(
+  'hw,out',
+  [((2, 2), (4, 4)), ((3, 3), (5, 5)), ((4, 4), (7, 7)), ((3, 2), (5, 4))],
+)
 def test_nearest_resize_matches_tf1(hw, out):
   x = np.random.default_rng(2).standard_normal((1, *hw, 3)).astype(np.float32)
   ours = layers.resize_nearest_legacy(jnp.asarray(x), *out)
@@ -57,7 +60,11 @@ def test_nearest_resize_matches_tf1(hw, out):
 
 @pytest.mark.parametrize('size', [5, 8, 3, 2])
 def test_max_pool_same_matches_tf(size):
-  x = np.random.default_rng(3).standard_normal((1, size, size, 4)).astype(np.float32)
+  x = (
+    np.random.default_rng(3)
+    .standard_normal((1, size, size, 4))
+    .astype(np.float32)
+  )
   x -= 10  # padded cells must never win, even against negatives
   ours = layers.max_pool_same(jnp.asarray(x), 3, 2)
   ref = tf.nn.max_pool2d(x, 3, 2, 'SAME').numpy()
@@ -76,7 +83,11 @@ def test_drop_connect_is_per_sample_and_unbiased():
 
 def test_activations():
   x = jnp.linspace(-8, 8, 33)
-  np.testing.assert_allclose(layers.activation('swish')(x), tf.nn.swish(np.asarray(x)).numpy(), atol=1e-6)
-  np.testing.assert_allclose(layers.activation('relu6')(x), tf.nn.relu6(np.asarray(x)).numpy())
+  np.testing.assert_allclose(
+    layers.activation('swish')(x), tf.nn.swish(np.asarray(x)).numpy(), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    layers.activation('relu6')(x), tf.nn.relu6(np.asarray(x)).numpy()
+  )
   with pytest.raises(ValueError, match='valid'):
     layers.activation('gelu_typo')

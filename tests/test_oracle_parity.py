@@ -13,21 +13,29 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-import effdet_jax
 from conftest import REPO
 
+import effdet_jax
 
-@pytest.mark.parametrize('ema,outputs', [(True, 'outputs.npz'), (False, 'outputs_raw.npz')])
+
+@pytest.mark.parametrize(
+  'ema,outputs', [(True, 'outputs.npz'), (False, 'outputs_raw.npz')]
+)
 def test_official_d0_parity(oracle_dir, tmp_path, ema, outputs):
   out = tmp_path / 'd0'
   subprocess.run(
     [
-      sys.executable, '-m', 'effdet_jax.convert', '--source=tf',
-      f'--input={oracle_dir / "tf1_ckpt"}', '--config=configs/d0.py',
-      f'--output={out}', f'--ema={str(ema).lower()}',
+      sys.executable,
+      '-m',
+      'effdet_jax.convert',
+      '--source=tf',
+      f'--input={oracle_dir / "tf1_ckpt"}',
+      '--config=configs/d0.py',
+      f'--output={out}',
+      f'--ema={str(ema).lower()}',
     ],
-    check=True, cwd=REPO,
+    check=True,
+    cwd=REPO,
   )
   model, variables = effdet_jax.load(str(out))
   x = np.load(oracle_dir / 'input.npy')
@@ -50,8 +58,7 @@ def test_ema_and_raw_weights_differ(oracle_dir):
 
 
 def test_other_model_checkpoint_fails_with_names(oracle_dir):
-  from effdet_jax.convert.__main__ import convert
-  from effdet_jax.convert.strict_fill import ConversionError
+  from effdet_jax.convert import ConversionError, convert
 
   cfg = effdet_jax.model_config('efficientdet-d1')
   with pytest.raises(ConversionError) as err:
@@ -63,17 +70,21 @@ def test_other_model_checkpoint_fails_with_names(oracle_dir):
 
 def test_checkpoint_without_ema_needs_flag(oracle_dir, tmp_path):
   import tensorflow as tf
+
   from effdet_jax.convert.strict_fill import ConversionError
   from effdet_jax.convert.tf_checkpoint import convert_tf_checkpoint
 
   reader = tf.train.load_checkpoint(str(oracle_dir / 'tf1_ckpt'))
   names = [
-    n for n in reader.get_variable_to_shape_map()
+    n
+    for n in reader.get_variable_to_shape_map()
     if not n.endswith('ExponentialMovingAverage')
   ]
   prefix = str(tmp_path / 'raw' / 'model')
   with tf.Graph().as_default():  # a name-based (TF1) checkpoint, raw only
-    tf_vars = [tf.compat.v1.Variable(reader.get_tensor(n), name=n) for n in names]
+    tf_vars = [
+      tf.compat.v1.Variable(reader.get_tensor(n), name=n) for n in names
+    ]
     saver = tf.compat.v1.train.Saver(tf_vars)
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())

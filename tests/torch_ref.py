@@ -14,7 +14,7 @@ _REGISTERED = []
 
 
 def _nms_cpu(dets, scores, iou_threshold):
-  import torch  # noqa: PLC0415
+  import torch
 
   order = torch.argsort(scores, descending=True)
   keep = []
@@ -35,14 +35,14 @@ def _nms_cpu(dets, scores, iou_threshold):
 
 def import_effdet():
   """Imports and returns the `effdet` module (skips the test if absent)."""
-  import pytest  # noqa: PLC0415
+  import pytest
 
   torch = pytest.importorskip('torch')
   if not _REGISTERED:
     try:
-      import torchvision  # noqa: F401, PLC0415
+      import torchvision  # noqa: F401
     except Exception:  # noqa: BLE001
-      import sys  # noqa: PLC0415
+      import sys
 
       for name in [m for m in sys.modules if m.startswith('torchvision')]:
         del sys.modules[name]

@@ -17,7 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from effdet_jax import api
-from effdet_jax.convert import effdet_torch, tf_checkpoint
+from effdet_jax.convert import convert
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
 _SOURCE = flags.DEFINE_enum('source', None, ['tf', 'effdet'], 'Source format.')
@@ -25,19 +25,6 @@ _INPUT = flags.DEFINE_string('input', None, 'Checkpoint folder or file.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
 _EMA = flags.DEFINE_bool('ema', True, 'tf: use the EMA shadow weights.')
 flags.mark_flags_as_required(['config', 'source', 'input', 'output'])
-
-
-def convert(source: str, input_path: str, model_cfg, ema: bool = True) -> dict:
-  """Our variables for `model_cfg` read from `input_path`."""
-  model = api.build_model(model_cfg)
-  abstract = jax.eval_shape(lambda: api.init_variables(model))
-  if source == 'tf':
-    return tf_checkpoint.convert_tf_checkpoint(
-      input_path, abstract, model_cfg.backbone_name, ema=ema
-    )
-  if source == 'effdet':
-    return effdet_torch.convert_effdet_file(input_path, abstract, model)
-  raise ValueError(f'unknown source {source!r}')
 
 
 def main(argv):

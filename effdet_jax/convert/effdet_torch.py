@@ -9,14 +9,19 @@ function; only names and layouts differ (OIHW -> HWIO; depthwise [C,1,k,k]
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from effdet_jax.convert import strict_fill
 from effdet_jax.models.efficientnet import BackboneSpec
 
-_BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+_BN = {
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 
 _EXPAND_BLOCK = {
   'conv2d': 'conv_pw',
@@ -65,7 +70,9 @@ def _leaf(module: str, leaf: str, is_bn: bool) -> strict_fill.Rule:
   if leaf == 'bias':
     # Separable convs carry their bias on the pointwise conv.
     return f'{module}.bias', _same
-  raise strict_fill.ConversionError(f'no effdet name for leaf {leaf!r} in {module}')
+  raise strict_fill.ConversionError(
+    f'no effdet name for leaf {leaf!r} in {module}'
+  )
 
 
 def effdet_rule(spec: BackboneSpec, min_level: int, bn_modules: set):
@@ -85,7 +92,9 @@ def effdet_rule(spec: BackboneSpec, min_level: int, bn_modules: set):
         return _leaf(module, leaf, is_bn)
       k = int(mid[0].split('_')[1])
       stage, j = stage_pos[k]
-      table = _EXPAND_BLOCK if spec.blocks[k].expand_ratio != 1 else _PLAIN_BLOCK
+      table = (
+        _EXPAND_BLOCK if spec.blocks[k].expand_ratio != 1 else _PLAIN_BLOCK
+      )
       sub = table['/'.join(mid[1:])]
       module = f'backbone.blocks.{stage}.{j}.{sub}'
       if leaf == 'depthwise_kernel':
@@ -117,8 +126,10 @@ def effdet_rule(spec: BackboneSpec, min_level: int, bn_modules: set):
       if m:
         i, level = int(m.group(2)), int(m.group(3))
         return _leaf(f'{top}.bn_rep.{i}.{level - min_level}.bn', leaf, is_bn)
-      base = f'{top}.predict' if name.endswith('-predict') else (
-        f'{top}.conv_rep.{name.split("-")[1]}'
+      base = (
+        f'{top}.predict'
+        if name.endswith('-predict')
+        else (f'{top}.conv_rep.{name.split("-")[1]}')
       )
       if leaf == 'bias':
         return f'{base}.conv_pw.bias', _same
@@ -129,11 +140,13 @@ def effdet_rule(spec: BackboneSpec, min_level: int, bn_modules: set):
 
 
 def convert_effdet_state_dict(
-  state_dict: Mapping[str, np.ndarray], abstract: Mapping, spec: BackboneSpec,
+  state_dict: Mapping[str, np.ndarray],
+  abstract: Mapping,
+  spec: BackboneSpec,
   min_level: int,
 ) -> dict:
   """Variables shaped like `abstract` from an effdet `state_dict` (arrays)."""
-  from flax import traverse_util  # noqa: PLC0415
+  from flax import traverse_util
 
   bn_modules = {
     p[1:-1]
@@ -152,10 +165,12 @@ def convert_effdet_state_dict(
 
 def convert_effdet_file(path: str, abstract: Mapping, model) -> dict:
   """Reads a `.pth` state dict (or a checkpoint with 'state_dict')."""
-  import torch  # noqa: PLC0415
+  import torch
 
   obj = torch.load(path, map_location='cpu', weights_only=True)
   if isinstance(obj, dict) and 'state_dict' in obj:
     obj = obj['state_dict']
   obj = {k.removeprefix('model.'): v.numpy() for k, v in obj.items()}
-  return convert_effdet_state_dict(obj, abstract, model.backbone, model.min_level)
+  return convert_effdet_state_dict(
+    obj, abstract, model.backbone, model.min_level
+  )

@@ -8,7 +8,7 @@ layout transform. Every target must be filled, every source tensor used
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
@@ -69,13 +69,15 @@ def fill(
     out[path] = value.astype(np.float32)
   if isinstance(ignore, str):
     pattern = ignore
-    ignore = lambda n, _: re.fullmatch(pattern, n) is not None  # noqa: E731
+    ignore = lambda n, _: re.fullmatch(pattern, n) is not None
   unused = {n for n in source_names - used if not (ignore and ignore(n, used))}
   errors = []
   if bad_shape:
     errors.append(f'{len(bad_shape)} shape mismatches: {_preview(bad_shape)}')
   if missing:
-    errors.append(f'{len(missing)} targets without a source: {_preview(missing)}')
+    errors.append(
+      f'{len(missing)} targets without a source: {_preview(missing)}'
+    )
   if unused:
     errors.append(f'{len(unused)} unused source tensors: {_preview(unused)}')
   if errors:

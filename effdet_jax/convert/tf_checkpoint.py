@@ -9,7 +9,7 @@ by default, as the official evaluation and inference do (§11.3).
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -26,7 +26,9 @@ EMA_SUFFIX = '/ExponentialMovingAverage'
 _NOT_WEIGHTS = r'(global_step|.*/Momentum|.*/RMSProp(_1)?|.*_CHECKPOINTABLE.*)'
 
 
-def official_name(path: tuple[str, ...], backbone_name: str, is_bn: bool) -> str:
+def official_name(
+  path: tuple[str, ...], backbone_name: str, is_bn: bool
+) -> str:
   """Official variable name of our flattened path (collection first)."""
   _, *scopes, leaf = path
   if scopes and scopes[0] == 'backbone':
@@ -37,7 +39,7 @@ def official_name(path: tuple[str, ...], backbone_name: str, is_bn: bool) -> str
 
 
 def _bn_modules(abstract: Mapping) -> set[tuple[str, ...]]:
-  from flax import traverse_util  # noqa: PLC0415
+  from flax import traverse_util
 
   return {
     p[1:-1]
@@ -58,7 +60,7 @@ def convert_tf_checkpoint(
     ema: read the `/ExponentialMovingAverage` shadows (True) or the raw
       weights (False). With ema=True a variable without a shadow is an error.
   """
-  import tensorflow as tf  # noqa: PLC0415
+  import tensorflow as tf
 
   reader = tf.train.load_checkpoint(ckpt_path)
   names = set(reader.get_variable_to_shape_map())
@@ -84,9 +86,11 @@ def convert_tf_checkpoint(
   return strict_fill.fill(abstract, rule, reader.get_tensor, names, ignore)
 
 
-def to_official(variables: Mapping, backbone_name: str) -> dict[str, np.ndarray]:
+def to_official(
+  variables: Mapping, backbone_name: str
+) -> dict[str, np.ndarray]:
   """Our variables as {official name: array} (the inverse mapping)."""
-  from flax import traverse_util  # noqa: PLC0415
+  from flax import traverse_util
 
   bn = _bn_modules(variables)
   return {

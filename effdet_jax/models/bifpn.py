@@ -14,7 +14,8 @@ Facts relied on (fact sheet §3; official `tf2/efficientdet_keras.py`:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -92,9 +93,7 @@ class ResampleFeatureMap(nn.Module):
       if not self.conv_after_downsample:
         x = self._maybe_1x1(x, train)
       sh, sw = (h - 1) // th + 1, (w - 1) // tw + 1
-      x = nn.max_pool(
-        x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME'
-      )
+      x = nn.max_pool(x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME')
       if self.conv_after_downsample:
         x = self._maybe_1x1(x, train)
     elif h <= th and w <= tw:
@@ -291,7 +290,8 @@ class FPNCells(nn.Module):
       )
     act = layers.activation(self.act_type)
     nodes = tuple(
-      (lvl, tuple(ids)) for lvl, ids in bifpn_nodes(self.min_level, self.max_level)
+      (lvl, tuple(ids))
+      for lvl, ids in bifpn_nodes(self.min_level, self.max_level)
     )
     for r in range(self.cell_repeats):
       feats = FPNCell(

@@ -109,7 +109,7 @@ class EfficientDet(nn.Module):
       depthwise_impl=self.depthwise_impl,
       name='fpn_cells',
     )(feats, train)
-    head = lambda prefix, outputs, bias: heads.HeadNet(  # noqa: E731
+    head = lambda prefix, outputs, bias: heads.HeadNet(
       prefix=prefix,
       num_outputs=outputs,
       num_filters=self.fpn_num_filters,
@@ -127,5 +127,5 @@ class EfficientDet(nn.Module):
       'class', self.num_anchors * self.num_classes, heads.class_bias_init()
     )(feats, train)
     box_outputs = head('box', self.num_anchors * 4, 0.0)(feats, train)
-    f32 = lambda xs: [x.astype(jnp.float32) for x in xs]  # noqa: E731
+    f32 = lambda xs: [x.astype(jnp.float32) for x in xs]
     return f32(class_outputs), f32(box_outputs)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -101,7 +102,9 @@ class BackboneSpec:
   survival_prob: float  # backbone drop-connect base; 0 disables it
 
 
-def backbone_spec(name: str, survival_prob: float | None = None) -> BackboneSpec:
+def backbone_spec(
+  name: str, survival_prob: float | None = None
+) -> BackboneSpec:
   """Scaled block list of a named backbone.
 
   Args:
@@ -161,7 +164,7 @@ class MBConvBlock(nn.Module):
       + [f'tpu_batch_normalization_{i}' for i in (1, 2)]
     )
     conv_names = iter(['conv2d', 'conv2d_1'])
-    conv = lambda f, name: layers.conv(  # noqa: E731
+    conv = lambda f, name: layers.conv(
       f,
       1,
       use_bias=False,
@@ -169,7 +172,7 @@ class MBConvBlock(nn.Module):
       dtype=self.dtype,
       name=name,
     )
-    bn = lambda: layers.batch_norm(train, self.dtype, next(bn_names))  # noqa: E731
+    bn = lambda: layers.batch_norm(train, self.dtype, next(bn_names))
 
     x = inputs
     if a.expand_ratio != 1:
@@ -192,9 +195,7 @@ class MBConvBlock(nn.Module):
       )(x)
     x = conv(a.output_filters, next(conv_names))(x)
     x = bn()(x)
-    if (
-      a.id_skip and a.stride == 1 and a.input_filters == a.output_filters
-    ):
+    if a.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
       rng = (
         self.make_rng('dropout')
         if train and 0 < self.survival_prob < 1
@@ -215,7 +216,7 @@ class SqueezeExcite(nn.Module):
   def __call__(self, x: Array) -> Array:
     # The squeeze is a mean over many pixels: take it in f32.
     s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    mk = lambda f, name: layers.conv(  # noqa: E731
+    mk = lambda f, name: layers.conv(
       f,
       1,
       use_bias=True,

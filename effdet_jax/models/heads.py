@@ -10,7 +10,8 @@ and pointwise kernels; the class-predict bias is -log((1 - 0.01) / 0.01).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,9 +40,14 @@ class HeadNet(nn.Module):
   depthwise_impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, feats: Sequence[Array], train: bool = False) -> list[Array]:
+  def __call__(
+    self, feats: Sequence[Array], train: bool = False
+  ) -> list[Array]:
     act = layers.activation(self.act_type)
-    convs = [self._conv(self.num_filters, f'{self.prefix}-{i}') for i in range(self.repeats)]
+    convs = [
+      self._conv(self.num_filters, f'{self.prefix}-{i}')
+      for i in range(self.repeats)
+    ]
     predict = self._conv(
       self.num_outputs,
       f'{self.prefix}-predict',
@@ -53,7 +59,9 @@ class HeadNet(nn.Module):
       for i in range(self.repeats):
         skip = x
         x = convs[i](x)
-        x = layers.batch_norm(train, self.dtype, f'{self.prefix}-{i}-bn-{level}')(x)
+        x = layers.batch_norm(
+          train, self.dtype, f'{self.prefix}-{i}-bn-{level}'
+        )(x)
         x = act(x)
         if i > 0 and self.survival_prob:
           rng = self.make_rng('dropout') if train else None

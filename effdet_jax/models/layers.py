@@ -12,7 +12,8 @@ google/automl EfficientDet is the reference:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -244,9 +245,7 @@ def conv(
   )
 
 
-def drop_connect(
-  x: Array, survival_prob: float, rng: Array | None
-) -> Array:
+def drop_connect(x: Array, survival_prob: float, rng: Array | None) -> Array:
   """Official drop-connect: per-sample keep mask, scaled by 1/p (§2.8).
 
   The identity when `rng` is None (inference) or survival_prob >= 1.
@@ -285,4 +284,3 @@ def resize_nearest_legacy(x: Array, out_h: int, out_w: int) -> Array:
     cols = np.minimum((np.arange(out_w) * w) // out_w, w - 1)
     x = jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
   return x.astype(dtype)
-

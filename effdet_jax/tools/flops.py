@@ -17,7 +17,8 @@ counts 2 per element where our `x * sigmoid(x)` has one multiply.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -87,11 +88,7 @@ def count_flops(
       if str(eqn.source_info.name_stack) in skip:
         continue
       flops = _eqn_flops(eqn)
-      if (
-        eqn.primitive.name == 'mul'
-        and swish_muls != 1
-        and _is_swish(eqn)
-      ):
+      if eqn.primitive.name == 'mul' and swish_muls != 1 and _is_swish(eqn):
         flops *= swish_muls
       total += flops
 
@@ -107,7 +104,9 @@ def count_flops(
   def _is_swish(eqn) -> bool:
     a, b = eqn.invars
     pb = producers.get(id(b))
-    return pb is not None and pb.primitive.name == 'logistic' and pb.invars[0] is a
+    return (
+      pb is not None and pb.primitive.name == 'logistic' and pb.invars[0] is a
+    )
 
   index(jaxpr.jaxpr)
   walk(jaxpr.jaxpr)

@@ -22,10 +22,6 @@ from ml_collections import config_flags
 from effdet_jax import api, registry
 from effdet_jax.tools.flops import count_flops
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output.')
-flags.mark_flags_as_required(['config'])
-
 _PARTS = ('backbone', 'resample_p6_p7', 'fpn_cells', 'class_net', 'box_net')
 
 
@@ -90,9 +86,14 @@ def format_table(s: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  s = summarize(_CONFIG.value.model)
-  print(json.dumps(s) if _FORMAT.value == 'json' else format_table(s))
+  s = summarize(flags.FLAGS.config.model)
+  print(json.dumps(s) if flags.FLAGS.format == 'json' else format_table(s))
 
 
 if __name__ == '__main__':
+  # Flags are defined only when run as a program, so importing `summarize`
+  # never clashes with another tool's flags.
+  config_flags.DEFINE_config_file('config', None, 'Config file.')
+  flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
+  flags.mark_flags_as_required(['config'])
   app.run(main)
