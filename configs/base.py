@@ -10,6 +10,7 @@ the input pipeline and the trainer read them.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from effdet_jax import api
 
@@ -52,11 +53,27 @@ def get_config(
       delta=0.1,
       box_loss_weight=50.0,
       label_smoothing=0.0,
+      iou_loss_type='',  # '' | iou | giou | diou | ciou
+      iou_loss_weight=1.0,
+      matched_threshold=0.5,
+      unmatched_threshold=0.5,
       seed=0,
     )
   )
+  # Post-processing: the official COCO-eval settings (fact sheet §9).
   config.eval = ml_collections.ConfigDict(
-    dict(batch_size=8, every_steps=0, max_nms_inputs=5000, max_output=100)
+    dict(
+      batch_size=8,
+      every_steps=0,
+      nms_mode='per_class',  # per_class (COCO eval) | global (inference)
+      nms_method='gaussian',  # gaussian (soft) | hard
+      nms_iou_threshold=0.5,  # hard NMS only
+      nms_sigma=0.5,  # gaussian only (passed to TF's kernel as sigma / 2)
+      # None: the official default of the method (gaussian 0.001, hard -inf).
+      nms_score_threshold=config_dict.placeholder(float),
+      max_nms_inputs=5000,  # 0: every anchor with its best class
+      max_detections_per_image=100,
+    )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))

@@ -1,0 +1,1 @@
+"""Detection core: anchors, box coding, target assignment, losses, NMS."""
