@@ -13,6 +13,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from effdet_jax import api
+from effdet_jax.data.config import data_config
 
 
 def get_config(
@@ -22,28 +23,21 @@ def get_config(
   config = ml_collections.ConfigDict()
   config.model = api.model_config(model_name)
 
-  config.data = ml_collections.ConfigDict(
-    dict(
-      source='synthetic',  # tfrecord | tfds | coco_json | synthetic
-      train_pattern='',
-      eval_pattern='',
-      max_instances_per_image=100,
-      input_rand_hflip=True,
-      jitter_min=0.1,
-      jitter_max=2.0,
-      autoaugment_policy='',
-      skip_crowd_during_training=True,
-    )
-  )
+  config.data = data_config()
   config.train = ml_collections.ConfigDict(
     dict(
-      global_batch_size=64,
+      batch_size=64,  # global (all hosts)
+      num_steps=0,  # > 0 overrides num_epochs
       num_epochs=300.0,
       num_examples_per_epoch=120000,
-      learning_rate=0.08,  # per 64 images
-      lr_warmup_init=0.008,
+      learning_rate=0.08,  # per 64 images, scaled by batch_size / 64
+      lr_warmup_init=0.008,  # scaled like learning_rate (TF1)
       lr_warmup_epoch=1.0,
-      lr_decay_method='cosine',
+      lr_warmup_steps=-1,  # >= 0 overrides lr_warmup_epoch
+      lr_decay_method='cosine',  # cosine | stepwise | polynomial | constant
+      first_lr_drop_epoch=200.0,
+      second_lr_drop_epoch=250.0,
+      poly_lr_power=0.9,
       momentum=0.9,
       weight_decay=4e-5,
       clip_gradients_norm=10.0,
@@ -57,6 +51,11 @@ def get_config(
       iou_loss_weight=1.0,
       matched_threshold=0.5,
       unmatched_threshold=0.5,
+      freeze='',  # regex over param paths (official var_freeze_expr)
+      remat=False,  # gradient checkpointing of backbone blocks, BiFPN cells
+      skip_nonfinite=False,  # skip (and count) non-finite steps, else stop
+      log_every_steps=50,
+      profile_steps=0,  # > 0: a profiler window of this many steps
       seed=0,
     )
   )
@@ -76,5 +75,7 @@ def get_config(
     )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+  config.checkpoint = ml_collections.ConfigDict(
+    dict(every_steps=1000, keep=3, best_metric='AP', keep_best=1)
+  )
   return config

@@ -13,7 +13,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared'
 
 
-def _shared_dir() -> pathlib.Path:
+def shared_dir() -> pathlib.Path:
   """The read-only project share: $EFFDET_JAX_SHARED, ../shared, /work/shared.
 
   A clean clone elsewhere (e.g. /tmp/ci) still finds the share of this
@@ -30,7 +30,7 @@ def _shared_dir() -> pathlib.Path:
 
 @pytest.fixture(scope='session')
 def oracle_dir() -> pathlib.Path:
-  path = _shared_dir() / 'oracle' / 'official-d0-256'
+  path = shared_dir() / 'oracle' / 'official-d0-256'
   if not path.exists():
     pytest.skip(f'official oracle not found at {path}')
   return path
@@ -40,7 +40,7 @@ def oracle_dir() -> pathlib.Path:
 def official_counts() -> dict:
   import json
 
-  path = _shared_dir() / 'reference' / 'official-counts.json'
+  path = shared_dir() / 'reference' / 'official-counts.json'
   if not path.exists():
     pytest.skip(f'official counts not found at {path}')
   return json.loads(path.read_text())

@@ -1,0 +1,293 @@
+r"""Writes sharded TFRecords in the official EfficientDet layout.
+
+  python -m effdet_jax.data.create_tfrecord --format=coco \
+      --annotations=FILE.json --images=DIR --output=PREFIX [--num_shards=N]
+  python -m effdet_jax.data.create_tfrecord --format=voc \
+      --annotations=DIR_OF_XML --images=DIR [--split=LIST.txt] \
+      [--label_map=FILE] --output=PREFIX
+
+Records go to PREFIX-00000-of-0000N.tfrecord, round-robin as the official
+converters do, with their feature keys and encodings (fact sheet §8.1), so
+the official dataloader reads ours and we read theirs. Beside them:
+PREFIX_label_map.json ({id: name}) and, for VOC, the official
+json_<basename>.json COCO annotations for evaluation. Annotations the
+official COCO converter skips (w or h <= 0, beyond the image) are skipped
+and counted; an unreadable or missing image is skipped and counted (the
+official tool would crash); images without annotations are kept.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+
+import PIL.Image
+import tensorflow as tf
+import tqdm
+from absl import app, flags, logging
+
+from effdet_jax.data import label_maps, tfrecord_format
+
+Skipped = collections.Counter
+
+
+def _load_image(path: str, skipped: Skipped, strict: bool):
+  """(bytes, format) or None if missing / undecodable (counted)."""
+  try:
+    with open(path, 'rb') as f:
+      encoded = f.read()
+  except OSError:
+    if strict:
+      raise
+    skipped['missing_file'] += 1
+    logging.warning('missing image %s', path)
+    return None
+  try:
+    with PIL.Image.open(io.BytesIO(encoded)) as image:
+      image.load()  # a full decode: catches truncated / corrupt files
+      fmt = (image.format or 'jpeg').lower()
+  except (OSError, SyntaxError, ValueError) as e:
+    if strict:
+      raise ValueError(f'corrupt image {path}: {e}') from e
+    skipped['corrupt_image'] += 1
+    logging.warning('corrupt image %s: %s', path, e)
+    return None
+  return encoded, fmt
+
+
+def coco_examples(
+  annotations: str, images_dir: str, skipped: Skipped, strict: bool = False
+) -> Iterator[tf.train.Example]:
+  """One official-layout record per json image, in json order."""
+  with open(annotations) as f:
+    coco = json.load(f)
+  names = {c['id']: c['name'] for c in coco['categories']}
+  by_image = collections.defaultdict(list)
+  for ann in coco.get('annotations', []):
+    by_image[ann['image_id']].append(ann)
+  for image in tqdm.tqdm(coco['images'], desc='coco -> tfrecord'):
+    loaded = _load_image(
+      os.path.join(images_dir, image['file_name']), skipped, strict
+    )
+    if loaded is None:
+      continue
+    width, height = image['width'], image['height']
+    objects = None
+    anns = by_image.get(image['id'], [])
+    if not anns:
+      skipped['images_without_annotations (kept)'] += 1
+    else:
+      objects = collections.defaultdict(list)
+      for ann in anns:
+        x, y, w, h = ann['bbox']
+        if w <= 0 or h <= 0:
+          skipped['zero_area_box'] += 1
+          continue
+        if x + w > width or y + h > height:
+          skipped['box_outside_image'] += 1
+          continue
+        objects['xmin'].append(float(x) / width)
+        objects['xmax'].append(float(x + w) / width)
+        objects['ymin'].append(float(y) / height)
+        objects['ymax'].append(float(y + h) / height)
+        objects['is_crowd'].append(ann['iscrowd'])
+        objects['label'].append(int(ann['category_id']))
+        objects['text'].append(names[ann['category_id']].encode('utf8'))
+        objects['area'].append(ann['area'])
+    yield tfrecord_format.make_example(
+      encoded=loaded[0],
+      image_format='jpeg' if loaded[1] in ('jpeg', 'mpo') else loaded[1],
+      filename=image['file_name'],
+      source_id=str(image['id']),
+      height=height,
+      width=width,
+      objects=objects,
+    )
+
+
+def _text(node, path, default=''):
+  found = node.find(path)
+  return found.text.strip() if found is not None and found.text else default
+
+
+def voc_examples(
+  xml_dir: str,
+  images_dir: str,
+  split: str | None,
+  name_to_id: dict[str, int],
+  skipped: Skipped,
+  coco_json: dict,
+  strict: bool = False,
+) -> Iterator[tf.train.Example]:
+  """Official `create_pascal_tfrecord` records; ids 1.. in list order."""
+  if split:
+    with open(split) as f:
+      stems = [line.split()[0] for line in f if line.strip()]
+  else:
+    stems = sorted(p[:-4] for p in os.listdir(xml_dir) if p.endswith('.xml'))
+  image_id = 0
+  for stem in tqdm.tqdm(stems, desc='voc -> tfrecord'):
+    root = ET.parse(os.path.join(xml_dir, stem + '.xml')).getroot()
+    filename = _text(root, 'filename', stem + '.jpg')
+    loaded = _load_image(os.path.join(images_dir, filename), skipped, strict)
+    if loaded is None:
+      continue
+    image_id += 1
+    width = int(_text(root, 'size/width'))
+    height = int(_text(root, 'size/height'))
+    coco_json['images'].append(
+      dict(file_name=filename, height=height, width=width, id=image_id)
+    )
+    objects = collections.defaultdict(list)
+    for obj in root.findall('object'):
+      name = _text(obj, 'name')
+      if name not in name_to_id:
+        skipped['unknown_class'] += 1
+        continue
+      box = [float(_text(obj, 'bndbox/' + k)) for k in ('xmin', 'ymin')]
+      box += [float(_text(obj, 'bndbox/' + k)) for k in ('xmax', 'ymax')]
+      xmin, ymin, xmax, ymax = box
+      if xmax <= xmin or ymax <= ymin:
+        skipped['zero_area_box'] += 1
+        continue
+      if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
+        skipped['box_outside_image'] += 1
+        continue
+      objects['xmin'].append(xmin / width)
+      objects['ymin'].append(ymin / height)
+      objects['xmax'].append(xmax / width)
+      objects['ymax'].append(ymax / height)
+      objects['area'].append(
+        (objects['xmax'][-1] - objects['xmin'][-1])
+        * (objects['ymax'][-1] - objects['ymin'][-1])
+      )
+      objects['text'].append(name.encode('utf8'))
+      objects['label'].append(name_to_id[name])
+      objects['difficult'].append(int(_text(obj, 'difficult', '0')))
+      objects['truncated'].append(int(_text(obj, 'truncated', '0')))
+      objects['view'].append(_text(obj, 'pose', '').encode('utf8'))
+      w, h = int(xmax) - int(xmin), int(ymax) - int(ymin)
+      coco_json['annotations'].append(
+        dict(
+          area=w * h,
+          iscrowd=0,
+          image_id=image_id,
+          bbox=[int(xmin), int(ymin), w, h],
+          category_id=name_to_id[name],
+          id=len(coco_json['annotations']) + 1,
+          ignore=0,
+          segmentation=[],
+        )
+      )
+    if not objects['label']:
+      skipped['images_without_annotations (kept)'] += 1
+    yield tfrecord_format.make_example(
+      encoded=loaded[0],
+      image_format='jpeg' if loaded[1] in ('jpeg', 'mpo') else loaded[1],
+      filename=filename,
+      source_id=str(image_id),
+      height=height,
+      width=width,
+      # The official pascal converter always writes the object keys.
+      objects=objects,
+    )
+
+
+def write_shards(
+  examples: Iterator[tf.train.Example], output: str, num_shards: int
+) -> tuple[list[str], int]:
+  """Round-robin over PREFIX-%05d-of-%05d.tfrecord; (paths, count)."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  paths = [
+    f'{output}-{i:05d}-of-{num_shards:05d}.tfrecord' for i in range(num_shards)
+  ]
+  writers = [tf.io.TFRecordWriter(p) for p in paths]
+  count = 0
+  try:
+    for i, example in enumerate(examples):
+      writers[i % num_shards].write(example.SerializeToString())
+      count += 1
+  finally:
+    for writer in writers:
+      writer.close()
+  return paths, count
+
+
+def convert(
+  fmt: str,
+  annotations: str,
+  images: str,
+  output: str,
+  num_shards: int = 32,
+  split: str | None = None,
+  label_map: str | None = None,
+  strict: bool = False,
+) -> Skipped:
+  """Writes the records and the label map; returns the skip counts."""
+  skipped: Skipped = collections.Counter()
+  if fmt == 'coco':
+    with open(annotations) as f:
+      categories = json.load(f)['categories']
+    names = {c['id']: c['name'] for c in categories}
+    examples = coco_examples(annotations, images, skipped, strict)
+    paths, count = write_shards(examples, output, num_shards)
+  elif fmt == 'voc':
+    names = label_maps.load(label_map) if label_map else dict(label_maps.VOC)
+    name_to_id = {v: k for k, v in names.items()}
+    coco_json = dict(
+      images=[],
+      type='instances',
+      annotations=[],
+      categories=[
+        dict(supercategory='none', id=k, name=v) for k, v in names.items()
+      ],
+    )
+    examples = voc_examples(
+      annotations, images, split, name_to_id, skipped, coco_json, strict
+    )
+    paths, count = write_shards(examples, output, num_shards)
+    json_path = os.path.join(
+      os.path.dirname(os.path.abspath(output)),
+      'json_' + os.path.basename(output) + '.json',
+    )
+    with open(json_path, 'w') as f:
+      json.dump(coco_json, f)
+  else:
+    raise ValueError(f"--format must be 'coco' or 'voc', not {fmt!r}")
+  label_maps.save(output + '_label_map.json', names)
+  summary = ', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))
+  print(f'wrote {count} records to {len(paths)} shards {output}-*')
+  print(f'skipped / noted: {summary or "nothing"}')
+  return skipped
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  convert(
+    f.format,
+    f.annotations,
+    f.images,
+    f.output,
+    f.num_shards,
+    f.split,
+    f.label_map,
+    f.strict,
+  )
+
+
+if __name__ == '__main__':
+  flags.DEFINE_enum('format', 'coco', ['coco', 'voc'], 'annotation format')
+  flags.DEFINE_string('annotations', None, 'COCO json, or dir of VOC xml')
+  flags.DEFINE_string('images', None, 'image folder')
+  flags.DEFINE_string('output', None, 'output prefix')
+  flags.DEFINE_integer('num_shards', 32, 'number of shards (official: 32)')
+  flags.DEFINE_string('split', None, 'VOC: file of image stems to convert')
+  flags.DEFINE_string('label_map', None, 'VOC: json label map (name<->id)')
+  flags.DEFINE_bool('strict', False, 'raise on a bad image instead of skip')
+  flags.mark_flags_as_required(['annotations', 'images', 'output'])
+  app.run(main)

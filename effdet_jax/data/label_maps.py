@@ -1,0 +1,148 @@
+"""Class names by 1-based class id, the ids the batches carry (DESIGN).
+
+COCO keeps its category ids 1..90 (80 used); VOC uses the official
+`create_pascal_tfrecord` order 1..20; the synthetic shapes use 1..3(+).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+COCO = {
+  1: 'person',
+  2: 'bicycle',
+  3: 'car',
+  4: 'motorcycle',
+  5: 'airplane',
+  6: 'bus',
+  7: 'train',
+  8: 'truck',
+  9: 'boat',
+  10: 'traffic light',
+  11: 'fire hydrant',
+  13: 'stop sign',
+  14: 'parking meter',
+  15: 'bench',
+  16: 'bird',
+  17: 'cat',
+  18: 'dog',
+  19: 'horse',
+  20: 'sheep',
+  21: 'cow',
+  22: 'elephant',
+  23: 'bear',
+  24: 'zebra',
+  25: 'giraffe',
+  27: 'backpack',
+  28: 'umbrella',
+  31: 'handbag',
+  32: 'tie',
+  33: 'suitcase',
+  34: 'frisbee',
+  35: 'skis',
+  36: 'snowboard',
+  37: 'sports ball',
+  38: 'kite',
+  39: 'baseball bat',
+  40: 'baseball glove',
+  41: 'skateboard',
+  42: 'surfboard',
+  43: 'tennis racket',
+  44: 'bottle',
+  46: 'wine glass',
+  47: 'cup',
+  48: 'fork',
+  49: 'knife',
+  50: 'spoon',
+  51: 'bowl',
+  52: 'banana',
+  53: 'apple',
+  54: 'sandwich',
+  55: 'orange',
+  56: 'broccoli',
+  57: 'carrot',
+  58: 'hot dog',
+  59: 'pizza',
+  60: 'donut',
+  61: 'cake',
+  62: 'chair',
+  63: 'couch',
+  64: 'potted plant',
+  65: 'bed',
+  67: 'dining table',
+  70: 'toilet',
+  72: 'tv',
+  73: 'laptop',
+  74: 'mouse',
+  75: 'remote',
+  76: 'keyboard',
+  77: 'cell phone',
+  78: 'microwave',
+  79: 'oven',
+  80: 'toaster',
+  81: 'sink',
+  82: 'refrigerator',
+  84: 'book',
+  85: 'clock',
+  86: 'vase',
+  87: 'scissors',
+  88: 'teddy bear',
+  89: 'hair drier',
+  90: 'toothbrush',
+}
+
+VOC = {
+  i + 1: name
+  for i, name in enumerate(
+    (
+      'aeroplane bicycle bird boat bottle bus car cat chair cow '
+      'diningtable dog horse motorbike person pottedplant sheep sofa '
+      'train tvmonitor'
+    ).split()
+  )
+}
+
+# The synthetic dataset's class of each shape kind (see synthetic.py).
+SHAPES = {1: 'rectangle', 2: 'ellipse', 3: 'triangle', 4: 'cross'}
+
+# TFDS `coco/2017` numbers the 80 used categories 0..79 in id order.
+COCO_CONTIGUOUS_TO_ID = tuple(sorted(COCO))
+
+_NAMED = {'coco': COCO, 'voc': VOC, 'shapes': SHAPES}
+
+
+def load(spec: str | dict | None) -> dict[int, str]:
+  """A label map {id: name} from a name, a json path or a dict.
+
+  A json file may map id -> name (ours, written by create_tfrecord) or
+  name -> id (the official `label_map_json_path` layout); both are read.
+  """
+  if not spec:
+    return {}
+  if isinstance(spec, dict):
+    return _normalise(spec)
+  if spec in _NAMED:
+    return dict(_NAMED[spec])
+  if not os.path.exists(spec):
+    raise ValueError(
+      f'label map {spec!r} is neither one of {sorted(_NAMED)} nor a file'
+    )
+  with open(spec) as f:
+    return _normalise(json.load(f))
+
+
+def _normalise(raw: dict) -> dict[int, str]:
+  out = {}
+  for key, value in raw.items():
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+      key, value = value, key  # name -> id
+    out[int(key)] = str(value)
+  out.pop(0, None)  # an official VOC map lists 'background': 0
+  return out
+
+
+def save(path: str, label_map: dict[int, str]) -> None:
+  """Writes {id: name} as json, ids sorted."""
+  with open(path, 'w') as f:
+    json.dump({str(k): label_map[k] for k in sorted(label_map)}, f, indent=1)

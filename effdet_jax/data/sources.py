@@ -1,0 +1,306 @@
+"""Where examples come from: TFRecords, TFDS, a COCO json, or synthetic.
+
+Every source yields *raw examples*, the one format the rest of the
+pipeline reads:
+
+  encoded  string   the image file's bytes ('' -> read `path`)
+  path     string   image file to read when `encoded` is ''
+  name     string   how messages name the record
+  image_id int32    COCO image id / source_id (-1 when unknown)
+  height, width     int32, the annotated size (0 = unknown, not checked)
+  boxes    [N, 4]   float32 yxyx normalised to the image, as in the
+                    official records
+  classes  [N]      int32, the dataset's own 1-based class ids
+  is_crowd [N]      bool
+  area     [N]      float32, as the annotation gives it
+
+The synthetic source yields already decoded examples (`image` instead of
+`encoded`/`path`). Each host reads its own part (`process_index` of
+`process_count`): whole files where there are enough of them, else every
+n-th example. Training sources repeat forever, reshuffled per epoch with
+the seed; evaluation sources are read once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from effdet_jax.data import label_maps, synthetic, tfrecord_format
+
+SOURCES = ('tfrecord', 'tfds', 'coco_json', 'synthetic')
+
+
+def _split_key(split: str) -> str:
+  if split not in ('train', 'eval'):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  return split
+
+
+def raw_examples(
+  config: Any, split: str, process_index: int = 0, process_count: int = 1
+) -> tf.data.Dataset:
+  """This host's raw (or, for synthetic, decoded) examples of a split."""
+  data = config.data
+  split = _split_key(split)
+  training = split == 'train'
+  shard = (process_index, process_count)
+  if data.source == 'tfrecord':
+    pattern = data.train_pattern if training else data.eval_pattern
+    return _tfrecord(pattern, training, data, shard)
+  if data.source == 'tfds':
+    name = data.tfds_train_split if training else data.tfds_eval_split
+    return _tfds(data.tfds_name, name, training, data, shard)
+  if data.source == 'coco_json':
+    if training:
+      json_path, images = data.train_json, data.train_images
+    else:
+      json_path, images = data.eval_json, data.eval_images
+    return _coco_json(json_path, images, training, data.seed, shard)
+  if data.source == 'synthetic':
+    return _synthetic(data, split, shard)
+  raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
+
+
+# -- TFRecords in the official layout ---------------------------------------
+
+
+def list_files(pattern: str) -> list[str]:
+  """Sorted files matching comma-separated glob patterns."""
+  files = []
+  for part in pattern.split(','):
+    if part.strip():
+      files.extend(tf.io.gfile.glob(part.strip()))
+  if not files:
+    raise ValueError(f'no files match {pattern!r}')
+  return sorted(set(files))
+
+
+def _tfrecord(pattern, training, data, shard) -> tf.data.Dataset:
+  index, count = shard
+  files = list_files(pattern)
+  by_file = len(files) >= count
+  if by_file:
+    files = files[index::count]
+  else:
+    logging.warning(
+      'data: %d files for %d hosts; every host reads all files and keeps '
+      'every %d-th record (slower). Write more shards.',
+      len(files),
+      count,
+      count,
+    )
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  if training:
+    ds = ds.shuffle(len(files), seed=data.seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+  ds = ds.interleave(
+    lambda f: tf.data.TFRecordDataset(f).prefetch(1),
+    cycle_length=min(data.cycle_length, len(files)),
+    block_length=1,
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=data.deterministic,
+  )
+  if not by_file:
+    ds = ds.shard(count, index)
+  return ds.map(tfrecord_format.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# -- TFDS: coco/2017, voc/2007, voc/2012 ------------------------------------
+
+
+def _tfds(name, split, training, data, shard) -> tf.data.Dataset:
+  import tensorflow_datasets as tfds
+
+  index, count = shard
+  if count > 1:
+    split = tfds.even_splits(split, n=count)[index]
+  ds = tfds.load(
+    name,
+    split=split,
+    data_dir=data.tfds_data_dir or None,
+    shuffle_files=training,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(
+      shuffle_seed=data.seed, interleave_cycle_length=data.cycle_length
+    ),
+  )
+  if name.startswith('coco'):
+    ds = ds.map(_from_tfds_coco, num_parallel_calls=tf.data.AUTOTUNE)
+  elif name.startswith('voc'):
+    ds = ds.map(_from_tfds_voc, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    raise ValueError(f'tfds source supports coco/* and voc/*, not {name!r}')
+  return ds.repeat() if training else ds
+
+
+def _from_tfds_coco(ex: dict) -> dict:
+  objects = ex['objects']
+  # TFDS numbers the 80 used COCO categories 0..79; batches carry the COCO
+  # category ids 1..90 like the official records (DESIGN, "Batch").
+  ids = tf.constant(label_maps.COCO_CONTIGUOUS_TO_ID, tf.int32)
+  return {
+    'encoded': ex['image'],
+    'path': tf.constant(''),
+    'name': ex['image/filename'],
+    'image_id': tf.cast(ex['image/id'], tf.int32),
+    'height': tf.constant(0, tf.int32),
+    'width': tf.constant(0, tf.int32),
+    'boxes': tf.cast(objects['bbox'], tf.float32),
+    'classes': tf.gather(ids, tf.cast(objects['label'], tf.int32)),
+    'is_crowd': tf.cast(objects['is_crowd'], tf.bool),
+    'area': tf.cast(objects['area'], tf.float32),
+  }
+
+
+def _from_tfds_voc(ex: dict) -> dict:
+  objects = ex['objects']
+  boxes = tf.cast(objects['bbox'], tf.float32)
+  # '2008_000123.jpg' -> 2008000123 (fits int32); VOC2007 '000005' -> 5.
+  digits = tf.strings.regex_replace(ex['image/filename'], r'[^0-9]', '')
+  return {
+    'encoded': ex['image'],
+    'path': tf.constant(''),
+    'name': ex['image/filename'],
+    'image_id': tf.strings.to_number(digits, tf.int32),
+    'height': tf.constant(0, tf.int32),
+    'width': tf.constant(0, tf.int32),
+    'boxes': boxes,
+    # VOC labels 0..19 in the official pascal label-map order -> 1..20.
+    'classes': tf.cast(objects['label'], tf.int32) + 1,
+    'is_crowd': tf.zeros_like(objects['label'], tf.bool),
+    # Official pascal converter: area in normalised units.
+    'area': (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+  }
+
+
+# -- COCO json + image folder -------------------------------------------------
+
+
+def read_coco_json(json_path: str, images_dir: str) -> dict[str, np.ndarray]:
+  """Per-image arrays from a COCO detection json, boxes normalised the way
+  the official converter does it ((x + w) / W, in float64, then float32).
+  Nothing is filtered here; the checks in checks.py count bad boxes."""
+  with tf.io.gfile.GFile(json_path) as f:
+    coco = json.load(f)
+  by_image: dict[int, list] = {}
+  for ann in coco.get('annotations', []):
+    by_image.setdefault(ann['image_id'], []).append(ann)
+  rows = {k: [] for k in ('boxes', 'classes', 'is_crowd', 'area')}
+  splits = [0]
+  for image in coco['images']:
+    anns = by_image.get(image['id'], [])
+    height, width = float(image['height']), float(image['width'])
+    for ann in anns:
+      x, y, w, h = (float(v) for v in ann['bbox'])
+      rows['boxes'].append(
+        [y / height, x / width, (y + h) / height, (x + w) / width]
+      )
+      rows['classes'].append(int(ann['category_id']))
+      rows['is_crowd'].append(bool(ann.get('iscrowd', 0)))
+      rows['area'].append(float(ann.get('area', w * h)))
+    splits.append(splits[-1] + len(anns))
+  images = coco['images']
+  return {
+    'path': np.array(
+      [os.path.join(images_dir, im['file_name']) for im in images], object
+    ),
+    'name': np.array([im['file_name'] for im in images], object),
+    'image_id': np.array([im['id'] for im in images], np.int32),
+    'height': np.array([im['height'] for im in images], np.int32),
+    'width': np.array([im['width'] for im in images], np.int32),
+    'row_splits': np.array(splits, np.int64),
+    'boxes': np.array(rows['boxes'], np.float32).reshape(-1, 4),
+    'classes': np.array(rows['classes'], np.int32),
+    'is_crowd': np.array(rows['is_crowd'], bool),
+    'area': np.array(rows['area'], np.float32),
+  }
+
+
+def _coco_json(json_path, images_dir, training, seed, shard) -> tf.data.Dataset:
+  if not json_path:
+    raise ValueError('data.source=coco_json needs data.{train,eval}_json')
+  table = read_coco_json(json_path, images_dir)
+  const = {k: tf.constant(v) for k, v in table.items()}
+  index, count = shard
+  ds = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
+  if training:  # the index list is small: shuffle all of it, per epoch
+    ds = ds.shuffle(len(table['image_id']), seed=seed).repeat()
+
+  def gather(i):
+    lo, hi = const['row_splits'][i], const['row_splits'][i + 1]
+    out = {k: const[k][i] for k in ('path', 'name', 'image_id')}
+    out.update({k: const[k][i] for k in ('height', 'width')})
+    out.update(
+      {k: const[k][lo:hi] for k in ('boxes', 'classes', 'is_crowd', 'area')}
+    )
+    out['encoded'] = tf.constant('')
+    return out
+
+  return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# -- synthetic shapes --------------------------------------------------------
+
+
+def _synthetic(data, split, shard) -> tf.data.Dataset:
+  index, count = shard
+  size = (
+    data.synthetic_train_size
+    if split == 'train'
+    else (data.synthetic_eval_size)
+  )
+  ds = tf.data.Dataset.range(size).shard(count, index)
+  if split == 'train':
+    ds = ds.repeat()
+  return ds.map(
+    lambda i: synthetic.generate(
+      i,
+      seed=data.seed,
+      split=split,
+      image_size=tuple(data.synthetic_image_size),
+      num_classes=data.synthetic_num_classes,
+      max_objects=data.synthetic_max_objects,
+    ),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+
+
+# -- class names -------------------------------------------------------------
+
+
+def label_map(config: Any) -> dict[int, str]:
+  """{class id: name} for the configured data (for drawing and per-class
+  metrics): data.label_map if set, else what the source implies."""
+  data = config.data
+  if data.label_map:
+    return label_maps.load(data.label_map)
+  if data.source == 'synthetic':
+    return {
+      k: v
+      for k, v in label_maps.SHAPES.items()
+      if k <= data.synthetic_num_classes
+    }
+  if data.source == 'tfds':
+    return dict(
+      label_maps.VOC if data.tfds_name.startswith('voc') else label_maps.COCO
+    )
+  if data.source == 'coco_json':
+    with tf.io.gfile.GFile(data.train_json or data.eval_json) as f:
+      return {c['id']: c['name'] for c in json.load(f)['categories']}
+  if data.source == 'tfrecord':  # our create_tfrecord writes one beside
+    pattern = data.train_pattern or data.eval_pattern
+    first = list_files(pattern)[0]
+    prefix = re.sub(r'-\d{5}-of-\d{5}\.tfrecord$', '', first)
+    path = prefix + '_label_map.json'
+    if tf.io.gfile.exists(path):
+      return label_maps.load(path)
+  if config.model.num_classes == 90:
+    return dict(label_maps.COCO)
+  return {i: str(i) for i in range(1, config.model.num_classes + 1)}

@@ -1,0 +1,296 @@
+"""Sources against independent references: the official converter's
+records, pycocotools reading the json, the VOC XML, and TFDS wiring."""
+
+import json
+import os
+import pathlib
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import shared_dir
+from pycocotools.coco import COCO
+
+from effdet_jax.data import create_tfrecord, pipeline, sources, testing
+
+SHARED = shared_dir()
+ORACLE = SHARED / 'oracle' / 'official-tfrecord-coco16'
+COCO128 = SHARED / 'data' / 'coco128'
+BCCD = SHARED / 'data' / 'bccd'
+
+pytestmark = pytest.mark.skipif(
+  not ORACLE.exists(), reason=f'shared data not found at {SHARED}'
+)
+
+
+def _by_id(ds):
+  return {int(ex['image_id']): ex for ex in ds.as_numpy_iterator()}
+
+
+def _eval_raw(**data):
+  config = testing.small_config(**data)
+  return _by_id(sources.raw_examples(config, 'eval'))
+
+
+def test_reader_on_official_records_matches_json():
+  ours = _eval_raw(
+    source='tfrecord', eval_pattern=str(ORACLE / 'coco16-*.tfrecord')
+  )
+  coco = COCO(str(ORACLE / 'annotations.json'))
+  assert sorted(ours) == sorted(coco.getImgIds())
+  for image_id, ex in ours.items():
+    info = coco.loadImgs(image_id)[0]
+    raw = (COCO128 / 'images' / info['file_name']).read_bytes()
+    assert ex['encoded'] == raw  # the same image
+    assert (ex['height'], ex['width']) == (info['height'], info['width'])
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+    h, w = info['height'], info['width']
+    want = [
+      [y / h, x / w, (y + bh) / h, (x + bw) / w]
+      for x, y, bw, bh in (a['bbox'] for a in anns)
+    ]
+    np.testing.assert_allclose(
+      ex['boxes'], np.reshape(want, (-1, 4)), atol=1e-6
+    )
+    assert ex['classes'].tolist() == [a['category_id'] for a in anns]
+    assert ex['is_crowd'].tolist() == [bool(a['iscrowd']) for a in anns]
+
+
+def _features(path_pattern):
+  out = {}
+  for path in tf.io.gfile.glob(path_pattern):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      ex = tf.train.Example.FromString(record)
+      feats = {}
+      for key, f in ex.features.feature.items():
+        kind = f.WhichOneof('kind')
+        feats[key] = list(getattr(f, kind).value)
+      out[feats['image/source_id'][0]] = feats
+  return out
+
+
+def test_writer_matches_official_records(tmp_path):
+  prefix = str(tmp_path / 'coco16')
+  create_tfrecord.convert(
+    'coco',
+    str(ORACLE / 'annotations.json'),
+    str(COCO128 / 'images'),
+    prefix,
+    num_shards=2,
+  )
+  ours = _features(prefix + '-*.tfrecord')
+  official = _features(str(ORACLE / 'coco16-*.tfrecord'))
+  assert ours.keys() == official.keys()
+  for key, feats in official.items():
+    theirs = {k: v for k, v in feats.items() if k != 'image/encoded'}
+    mine = {k: v for k, v in ours[key].items() if k != 'image/encoded'}
+    assert mine == theirs, key
+  # Same round-robin sharding: shard i holds the same ids.
+  for i in range(2):
+    a = _features(f'{prefix}-{i:05d}-of-00002.tfrecord')
+    b = _features(str(ORACLE / f'coco16-{i:05d}-of-00002.tfrecord'))
+    assert a.keys() == b.keys()
+  labels = json.loads(pathlib.Path(prefix + '_label_map.json').read_text())
+  assert labels['1'] == 'person' and labels['90'] == 'toothbrush'
+
+
+@pytest.fixture(scope='module')
+def coco24(tmp_path_factory):
+  """24 coco128 images (greyscale id 86, crowds, both empty images) as a
+  json and as records written by our tool."""
+  root = tmp_path_factory.mktemp('coco24')
+  full = json.loads((COCO128 / 'annotations.json').read_text())
+  keep = {im['id'] for im in full['images'][:22]} | {250, 508, 86}
+  sub = dict(full)
+  sub['images'] = [im for im in full['images'] if im['id'] in keep]
+  sub['annotations'] = [a for a in full['annotations'] if a['image_id'] in keep]
+  path = root / 'annotations.json'
+  path.write_text(json.dumps(sub))
+  create_tfrecord.convert(
+    'coco', str(path), str(COCO128 / 'images'), str(root / 'c'), num_shards=1
+  )
+  return root, sub
+
+
+def _plain(source_kwargs, size, n):
+  config = testing.small_config(
+    image_size=size,
+    batch_size=n,
+    input_rand_hflip=False,
+    jitter_min=1.0,
+    jitter_max=1.0,
+    shuffle_buffer_size=0,
+    **source_kwargs,
+  )
+  batch = next(iter(pipeline.train_dataset(config).as_numpy_iterator()))
+  return config, batch
+
+
+def test_round_trip_boxes_follow_resize_and_clip(coco24):
+  root, sub = coco24
+  size, n = (96, 128), len(sub['images'])
+  _, batch = _plain(
+    dict(source='tfrecord', train_pattern=str(root / 'c-*.tfrecord')), size, n
+  )
+  coco = COCO(str(root / 'annotations.json'))
+  assert sorted(batch['image_id']) == sorted(coco.getImgIds())
+  for b, image_id in enumerate(batch['image_id']):
+    info = coco.loadImgs(int(image_id))[0]
+    h, w = info['height'], info['width']
+    # Fact (§8.4, jitter factor 1): scale = min(int(T_h)/h, int(T_w)/w);
+    # boxes scale by the integer scaled size, clip to [0, size - 1].
+    scale = min(size[0] / h, size[1] / w)
+    sh, sw = int(h * scale), int(w * scale)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=int(image_id), iscrowd=False))
+    want = []
+    for a in anns:
+      x, y, bw, bh = a['bbox']
+      box = np.array(
+        [y / h * sh, x / w * sw, (y + bh) / h * sh, (x + bw) / w * sw]
+      )
+      box = np.clip(box, 0, [size[0] - 1, size[1] - 1] * 2)
+      if (box[2] - box[0]) * (box[3] - box[1]) > 0:
+        want.append((a['category_id'], box))
+    got = batch['classes'][b]
+    assert (got > 0).sum() == len(want), image_id  # crowds dropped
+    np.testing.assert_allclose(
+      batch['boxes'][b][: len(want)],
+      np.reshape([w_[1] for w_ in want], (-1, 4)),
+      atol=0.5,
+    )
+    assert got[: len(want)].tolist() == [w_[0] for w_ in want]
+    assert batch['image_scale'][b] == pytest.approx(1 / scale, rel=1e-6)
+    assert batch['image_size'][b].tolist() == [h, w]
+
+
+def test_coco_json_source_gives_the_same_batches(coco24):
+  root, sub = coco24
+  n = len(sub['images'])
+  _, a = _plain(
+    dict(source='tfrecord', train_pattern=str(root / 'c-*.tfrecord')),
+    (64, 64),
+    n,
+  )
+  _, b = _plain(
+    dict(
+      source='coco_json',
+      train_json=str(root / 'annotations.json'),
+      train_images=str(COCO128 / 'images'),
+    ),
+    (64, 64),
+    n,
+  )
+  ia, ib = np.argsort(a['image_id']), np.argsort(b['image_id'])
+  for key in a:
+    np.testing.assert_array_equal(a[key][ia], b[key][ib], err_msg=key)
+
+
+def test_voc_tool_matches_xml(tmp_path):
+  stems = ['BloodImage_00338', 'BloodImage_00000', 'BloodImage_00343']
+  split = tmp_path / 'split.txt'
+  split.write_text('\n'.join(stems) + '\n')
+  label_map = tmp_path / 'map.json'
+  label_map.write_text('{"RBC": 1, "WBC": 2, "Platelets": 3}')
+  skipped = create_tfrecord.convert(
+    'voc',
+    str(BCCD / 'xml'),
+    str(BCCD / 'images'),
+    str(tmp_path / 'b'),
+    num_shards=2,
+    split=str(split),
+    label_map=str(label_map),
+  )
+  assert skipped['zero_area_box'] == 2  # the two degenerate source boxes
+  raw = _eval_raw(source='tfrecord', eval_pattern=str(tmp_path / 'b-*'))
+  names = {'RBC': 1, 'WBC': 2, 'Platelets': 3}
+  for image_id, stem in enumerate(stems, start=1):
+    root = ET.parse(BCCD / 'xml' / f'{stem}.xml').getroot()
+    want, classes = [], []
+    for obj in root.iter('object'):
+      b = [
+        float(obj.find('bndbox/' + k).text)
+        for k in ('ymin', 'xmin', 'ymax', 'xmax')
+      ]
+      if b[2] > b[0] and b[3] > b[1]:
+        want.append(np.array(b) / [480, 640, 480, 640])
+        classes.append(names[obj.find('name').text])
+    np.testing.assert_allclose(
+      raw[image_id]['boxes'], np.reshape(want, (-1, 4)), atol=1e-6
+    )
+    assert raw[image_id]['classes'].tolist() == classes
+  coco = COCO(str(tmp_path / 'json_b.json'))  # the eval json beside
+  assert len(coco.getAnnIds()) == sum(len(r['classes']) for r in raw.values())
+
+
+def test_tfds_coco_wiring(monkeypatch):
+  import tensorflow_datasets as tfds
+
+  files = ['000000000009.jpg', '000000000025.jpg']
+  coco = COCO(str(COCO128 / 'annotations.json'))
+
+  def as_dataset(self, *args, **kwargs):
+    del args, kwargs
+    rows = []
+    for name in files:
+      image_id = int(name[:-4])
+      info = coco.loadImgs(image_id)[0]
+      anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+      h, w = info['height'], info['width']
+      cats = sorted(coco.getCatIds())
+      rows.append(
+        {
+          'image': (COCO128 / 'images' / name).read_bytes(),
+          'image/filename': name,
+          'image/id': image_id,
+          'objects': {
+            'bbox': np.array(
+              [
+                [y / h, x / w, (y + bh) / h, (x + bw) / w]
+                for x, y, bw, bh in (a['bbox'] for a in anns)
+              ],
+              np.float32,
+            ),
+            'label': np.array([cats.index(a['category_id']) for a in anns]),
+            'is_crowd': np.array([bool(a['iscrowd']) for a in anns]),
+            'area': np.array([a['area'] for a in anns], np.float32),
+          },
+        }
+      )
+    return tf.data.Dataset.from_generator(
+      lambda: iter(rows),
+      output_signature={
+        'image': tf.TensorSpec([], tf.string),
+        'image/filename': tf.TensorSpec([], tf.string),
+        'image/id': tf.TensorSpec([], tf.int64),
+        'objects': {
+          'bbox': tf.TensorSpec([None, 4], tf.float32),
+          'label': tf.TensorSpec([None], tf.int64),
+          'is_crowd': tf.TensorSpec([None], tf.bool),
+          'area': tf.TensorSpec([None], tf.float32),
+        },
+      },
+    )
+
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    got = _eval_raw(source='tfds', tfds_name='coco/2017')
+  for name in files:
+    image_id = int(name[:-4])
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+    # TFDS's contiguous 0..79 labels come back as COCO ids 1..90.
+    assert got[image_id]['classes'].tolist() == [a['category_id'] for a in anns]
+
+
+def test_label_map_from_json_source():
+  config = testing.small_config(
+    source='coco_json', train_json=str(BCCD / 'annotations.json')
+  )
+  assert sources.label_map(config) == {1: 'RBC', 2: 'WBC', 3: 'Platelets'}
+
+
+def test_json_paths_are_relative_to_image_dir():
+  table = sources.read_coco_json(
+    str(ORACLE / 'annotations.json'), str(COCO128 / 'images')
+  )
+  assert all(os.path.exists(p) for p in table['path'])
+  assert table['row_splits'][-1] == len(table['classes']) == 112
