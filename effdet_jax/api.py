@@ -49,8 +49,12 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
-def build_model(cfg: Mapping[str, Any]) -> EfficientDet:
-  """EfficientDet from a `model` config section (ConfigDict or dict)."""
+def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
+  """EfficientDet from a `model` config section (ConfigDict or dict).
+
+  `remat` recomputes backbone blocks and BiFPN cells in the backward pass
+  (the run config's `train.remat`); it does not change the function.
+  """
   cfg = dict(cfg)
   dtype = cfg.get('dtype', 'float32')
   if dtype not in _DTYPES:
@@ -76,6 +80,7 @@ def build_model(cfg: Mapping[str, Any]) -> EfficientDet:
     head_survival_prob=cfg.get('survival_prob'),
     dtype=_DTYPES[dtype],
     depthwise_impl=cfg.get('depthwise_impl', 'auto'),
+    remat=remat,
   )
 
 
@@ -134,7 +139,10 @@ def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
 
 
 def load(path: str) -> tuple[EfficientDet, dict]:
-  """`(model, variables)` from a directory written by `save` / the converter."""
+  """`(model, variables)` from a converter/`save` directory or a workdir.
+
+  For a training workdir the latest checkpoint's EMA variables are used.
+  """
   import orbax.checkpoint as ocp
 
   path = os.path.abspath(path)
@@ -151,6 +159,10 @@ def load(path: str) -> tuple[EfficientDet, dict]:
       cfg[key] = tuple(cfg[key])
   model = build_model(cfg)
   abstract = jax.eval_shape(lambda: init_variables(model))
+  if os.path.isdir(os.path.join(path, 'checkpoints')):
+    from effdet_jax.train import checkpoint  # noqa: PLC0415
+
+    return model, checkpoint.restore_variables(path, abstract)
   variables = ocp.StandardCheckpointer().restore(
     os.path.join(path, VARIABLES_DIR), abstract
   )

@@ -280,6 +280,7 @@ class FPNCells(nn.Module):
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
   depthwise_impl: str = 'auto'
+  remat: bool = False
 
   @nn.compact
   def __call__(self, feats: list[Array], train: bool = False) -> list[Array]:
@@ -293,8 +294,9 @@ class FPNCells(nn.Module):
       (lvl, tuple(ids))
       for lvl, ids in bifpn_nodes(self.min_level, self.max_level)
     )
+    cell_cls = nn.remat(FPNCell, static_argnums=(2,)) if self.remat else FPNCell
     for r in range(self.cell_repeats):
-      feats = FPNCell(
+      feats = cell_cls(
         nodes=nodes,
         min_level=self.min_level,
         num_filters=self.num_filters,

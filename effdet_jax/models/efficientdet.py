@@ -51,6 +51,7 @@ class EfficientDet(nn.Module):
   head_survival_prob: float | None = None
   dtype: Any = jnp.float32
   depthwise_impl: str = 'auto'
+  remat: bool = False  # recompute backbone blocks and BiFPN cells in backprop
 
   def check_input(self, shape: tuple[int, ...]) -> None:
     """Raises ValueError for an image batch the network cannot take."""
@@ -78,6 +79,7 @@ class EfficientDet(nn.Module):
       self.act_type,
       self.dtype,
       self.depthwise_impl,
+      self.remat,
       name='backbone',
     )(images, train)
     # Endpoints are reduction_1..5; levels min..5 come from the backbone.
@@ -107,6 +109,7 @@ class EfficientDet(nn.Module):
       conv_bn_act_pattern=self.conv_bn_act_pattern,
       dtype=self.dtype,
       depthwise_impl=self.depthwise_impl,
+      remat=self.remat,
       name='fpn_cells',
     )(feats, train)
     head = lambda prefix, outputs, bias: heads.HeadNet(

@@ -240,6 +240,7 @@ class EfficientNet(nn.Module):
   act_type: str = 'swish'
   dtype: Any = jnp.float32
   depthwise_impl: str = 'auto'
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
@@ -250,9 +251,14 @@ class EfficientNet(nn.Module):
     endpoints = []
     n = len(spec.blocks)
     drop_rate = 1.0 - spec.survival_prob
+    # Gradient checkpointing per block: activations are recomputed in the
+    # backward pass instead of stored (train=arg 2, static).
+    block_cls = (
+      nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
+    )
     for idx, args in enumerate(spec.blocks):
       survival = 1.0 - drop_rate * idx / n if spec.survival_prob else 1.0
-      x = MBConvBlock(
+      x = block_cls(
         args,
         act,
         survival,

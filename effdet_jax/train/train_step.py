@@ -1,0 +1,100 @@
+"""The jitted training step: forward -> targets -> loss -> update -> EMA.
+
+One pure function of (state, batch); shardings are applied by the caller's
+`jax.jit`. BN statistics are means over the (global) batch axis. A step
+whose loss or gradient is not finite leaves the state unchanged except for
+`num_skipped`/`last_skipped_step` (the trainer then stops with an error, or
+counts it with `train.skip_nonfinite`), so a non-finite value can never
+reach a checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from effdet_jax.detection import losses, targets
+from effdet_jax.train import optimizer
+from effdet_jax.train.state import TrainState
+
+
+def make_train_step(
+  model: Any,
+  config: Any,
+  anchors: Any,
+  tx: optax.GradientTransformation,
+  lr_fn: Callable[[Any], Any],
+  wd_mask: Any,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """Builds `train_step(state, batch) -> (state, metrics)`."""
+  t = config.train
+  loss_kw = losses.loss_kwargs(config)
+  anchors = jnp.asarray(anchors, jnp.float32)
+
+  def loss_fn(params, batch_stats, batch, rng):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    (cls, box), new_vars = model.apply(
+      variables,
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
+    tg = targets.assign(
+      anchors,
+      batch['boxes'],
+      batch['classes'],
+      t.matched_threshold,
+      t.unmatched_threshold,
+    )
+    det_loss, parts = losses.detection_loss(
+      cls, box, tg, anchors=anchors, **loss_kw
+    )
+    wd = optimizer.weight_decay_loss(params, wd_mask, t.weight_decay)
+    parts = dict(parts, weight_decay=wd, det_loss=det_loss)
+    return det_loss + wd, (parts, new_vars['batch_stats'])
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (parts, new_bs)), grads = grad_fn(
+      state.params, state.batch_stats, batch, rng
+    )
+    grad_norm = optax.global_norm(grads)
+    accum, new_opt = tx.update(grads, state.opt_state, state.params)
+    lr = lr_fn(state.step)
+    new_params = jax.tree.map(lambda w, a: w - lr * a, state.params, accum)
+    step = state.step + 1
+    decay = optimizer.ema_decay(step, t.moving_average_decay)
+    new_state = state.replace(
+      step=step,
+      params=new_params,
+      batch_stats=new_bs,
+      opt_state=new_opt,
+      ema_params=optimizer.ema_update(state.ema_params, new_params, decay),
+      ema_batch_stats=optimizer.ema_update(
+        state.ema_batch_stats, new_bs, decay
+      ),
+    )
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    skipped = state.replace(
+      step=step,
+      num_skipped=state.num_skipped + 1,
+      last_skipped_step=state.step,
+    )
+    new_state = jax.tree.map(
+      lambda a, b: jnp.where(ok, a, b), new_state, skipped
+    )
+    metrics = dict(
+      parts,
+      loss=loss,
+      grad_norm=grad_norm,
+      learning_rate=lr,
+      nonfinite=(~ok).astype(jnp.int32),
+    )
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,293 @@
+"""`train_and_evaluate(config, workdir)`: the training loop.
+
+Resume order (STYLE 11): the workdir's own checkpoint -> `init_from`
+(pretrained issue) -> scratch. The data position is derived from the
+restored step, and per-step randomness from (seed, step), so a resumed run
+is bitwise equal to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import periodic_actions
+from jax.experimental import multihost_utils
+
+from effdet_jax import api
+from effdet_jax.detection import anchors as anchors_lib
+from effdet_jax.train import (
+  checkpoint,
+  metrics,
+  optimizer,
+  partitioning,
+  schedule,
+)
+from effdet_jax.train.state import TrainState
+from effdet_jax.train.train_step import make_train_step
+
+EvaluateFn = Callable[[TrainState, int], dict[str, float]]
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM so the loop can finish the step and save."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      logging.warning('SIGTERM: saving a checkpoint after this step')
+      self.requested = True
+
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def synced(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    flags = multihost_utils.process_allgather(np.array(self.requested))
+    return bool(np.any(flags))
+
+
+def init_state(model: Any, config: Any, tx: Any, rng: jax.Array) -> TrainState:
+  """A fresh TrainState (params, BN statistics, optimizer, EMA copies)."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = api.init_variables(model, init_rng)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState(
+    step=jnp.int32(0),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    ema_params=params,
+    ema_batch_stats=batch_stats,
+    rng=state_rng,
+    num_skipped=jnp.int32(0),
+    last_skipped_step=jnp.int32(-1),
+  )
+
+
+def write_config(config: Any, workdir: str) -> None:
+  """The resolved run config (+ the model section `effdet_jax.load` reads)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  with open(os.path.join(workdir, api.MODEL_CONFIG_FILE), 'w') as f:
+    json.dump(config.model.to_dict(), f, indent=2, sort_keys=True)
+
+
+class Trainer:
+  """Builds the model, mesh, state and jitted step for a config."""
+
+  def __init__(self, config: Any, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    t = config.train
+    self.model = api.build_model(config.model, remat=bool(t.remat))
+    self.anchors = anchors_lib.anchors_from_config(config.model)
+    self.mesh = partitioning.make_mesh(config.mesh)
+    self.steps = schedule.steps_from_config(t)
+    self.lr_fn = schedule.learning_rate_fn(t, self.steps)
+    abstract_vars = jax.eval_shape(
+      functools.partial(api.init_variables, self.model)
+    )
+    frozen = optimizer.mask_by_regex(abstract_vars['params'], t.freeze)
+    wd_mask = jax.tree.map(
+      lambda k, f: k and not f,
+      optimizer.decay_mask(abstract_vars['params']),
+      frozen,
+    )
+    self.tx = optimizer.make_optimizer(
+      t.momentum, t.clip_gradients_norm, frozen if t.freeze else None
+    )
+    init = functools.partial(init_state, self.model, config, self.tx)
+    rng = jax.random.PRNGKey(t.seed)
+    self.abstract_state = jax.eval_shape(init, rng)
+    self.state_shardings = partitioning.state_shardings(
+      self.mesh, self.abstract_state
+    )
+    self._init = jax.jit(init, out_shardings=self.state_shardings)
+    self._rng = rng
+    self._step = make_train_step(
+      self.model, config, self.anchors, self.tx, self.lr_fn, wd_mask
+    )
+    self._jitted = {}
+
+  def fresh_state(self) -> TrainState:
+    return self._init(self._rng)
+
+  def abstract_with_shardings(self) -> Any:
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.abstract_state,
+      self.state_shardings,
+    )
+
+  def step_fn(self, batch: dict) -> Callable:
+    """The jitted step for this batch structure (explicit shardings)."""
+    key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+    if key not in self._jitted:
+      shardings = partitioning.batch_shardings(self.mesh, batch)
+      self._jitted[key] = jax.jit(
+        self._step,
+        in_shardings=(self.state_shardings, shardings),
+        out_shardings=(self.state_shardings, None),
+        donate_argnums=0,
+      )
+    return self._jitted[key]
+
+  def batch_sharding(self, batch: dict) -> dict:
+    return partitioning.batch_shardings(self.mesh, batch)
+
+
+def _train_batches(config: Any, trainer: Trainer, start_step: int):
+  from effdet_jax.data import pipeline  # noqa: PLC0415 - tf import is slow
+
+  ds = pipeline.train_dataset(config).skip(start_step)
+  shardings = None
+  for batch in ds.as_numpy_iterator():
+    batch = {k: batch[k] for k in ('image', 'boxes', 'classes')}
+    if shardings is None:
+      shardings = trainer.batch_sharding(batch)
+    yield {
+      k: jax.make_array_from_process_local_data(shardings[k], v)
+      for k, v in batch.items()
+    }
+
+
+def train_and_evaluate(
+  config: Any,
+  workdir: str,
+  evaluate_fn: EvaluateFn | None = None,
+  batches: Any = None,
+) -> TrainState:
+  """Trains (resuming from the workdir) and evaluates periodically.
+
+  Args:
+    config: the full run config.
+    workdir: checkpoints, metrics, the resolved config.
+    evaluate_fn: `(state, step) -> metrics` (COCO evaluation; tests pass a
+      fake one). Its metrics are logged and the best checkpoint kept by
+      `checkpoint.best_metric`.
+    batches: optional iterator of global batches to use instead of the
+      configured input pipeline (given the start step).
+  """
+  t = config.train
+  write_config(config, workdir)
+  trainer = Trainer(config, workdir)
+  ckpt = checkpoint.Checkpointer(
+    workdir,
+    config.checkpoint.every_steps,
+    config.checkpoint.keep,
+    config.checkpoint.best_metric,
+    config.checkpoint.keep_best,
+  )
+  state = ckpt.restore(trainer.abstract_with_shardings())
+  if state is None:
+    state = trainer.fresh_state()
+    logging.info('training from scratch')
+  else:
+    logging.info('resumed from step %d', int(state.step))
+  start = int(state.step)
+  total = trainer.steps.total
+  writer = metrics.create_writer(workdir)
+  hooks = [
+    periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
+  ]
+  if t.profile_steps > 0 and jax.process_index() == 0:
+    hooks.append(
+      periodic_actions.Profile(
+        num_profile_steps=t.profile_steps, logdir=workdir
+      )
+    )
+  data = (
+    batches(start)
+    if batches is not None
+    else _train_batches(config, trainer, start)
+  )
+  eval_every = int(config.eval.every_steps)
+  images_per_step = t.batch_size
+  pending: list[dict] = []
+  last_time, last_step = time.time(), start
+  with _Preemption() as preempt:
+    for step in range(start, total):
+      batch = next(data)
+      state, step_metrics = trainer.step_fn(batch)(state, batch)
+      pending.append(step_metrics)
+      done = step + 1
+      for h in hooks:
+        h(done)
+      log_now = done % t.log_every_steps == 0 or done == total
+      if log_now:
+        summary = _summarize(jax.device_get(pending))
+        pending = []
+        skipped = int(jax.device_get(state.num_skipped))
+        if summary['nonfinite'] > 0 and not t.skip_nonfinite:
+          bad = int(jax.device_get(state.last_skipped_step))
+          raise FloatingPointError(
+            f'non-finite loss or gradient at step {bad}; the update was not '
+            'applied and no checkpoint holds it (set train.skip_nonfinite '
+            'to skip such steps)'
+          )
+        now = time.time()
+        rate = (done - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, done
+        summary.update(
+          steps_per_sec=rate,
+          images_per_sec=rate * images_per_step,
+          num_skipped=skipped,
+        )
+        writer.write_scalars(done, summary)
+      eval_metrics = None
+      if evaluate_fn and eval_every > 0 and done % eval_every == 0:
+        eval_metrics = evaluate_fn(state, done)
+        writer.write_scalars(
+          done, {f'eval/{k}': v for k, v in eval_metrics.items()}
+        )
+      ckpt.save(done, state, metrics=eval_metrics)
+      if preempt.synced():
+        ckpt.save(done, state, metrics=eval_metrics, force=True)
+        ckpt.close()
+        writer.flush()
+        logging.warning('preempted: saved step %d, exiting', done)
+        raise SystemExit(0)
+  final_metrics = None
+  if evaluate_fn and (eval_every <= 0 or total % eval_every != 0):
+    final_metrics = evaluate_fn(state, total)
+    writer.write_scalars(
+      total, {f'eval/{k}': v for k, v in final_metrics.items()}
+    )
+  if ckpt.latest_step() != total:
+    ckpt.save(total, state, metrics=final_metrics, force=True)
+  ckpt.close()
+  writer.flush()
+  return state
+
+
+def _summarize(rows: list[dict]) -> dict[str, float]:
+  """Means over the steps since the last log; `nonfinite` is a sum."""
+  out = {}
+  for key in rows[0]:
+    values = np.asarray([np.asarray(r[key], np.float64) for r in rows])
+    out[key] = float(values.sum() if key == 'nonfinite' else values.mean())
+  return out
