@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ('data', 'spatial')
@@ -38,11 +38,14 @@ def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(cfg, len(devices))
+  # Auto axes: GSPMD propagates shardings through the model (the step is
+  # written for jit with in/out shardings, not sharding-in-types).
+  auto = (AxisType.Auto,) * len(AXES)
   if devices == jax.devices():
-    return jax.make_mesh(shape, AXES)
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+    return jax.make_mesh(shape, AXES, axis_types=auto)
+  return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:
