@@ -99,13 +99,13 @@ def write_config(config: Any, workdir: str) -> None:
 class Trainer:
   """Builds the model, mesh, state and jitted step for a config."""
 
-  def __init__(self, config: Any, workdir: str):
+  def __init__(self, config: Any, workdir: str, devices: list | None = None):
     self.config = config
     self.workdir = workdir
     t = config.train
     self.model = api.build_model(config.model, remat=bool(t.remat))
     self.anchors = anchors_lib.anchors_from_config(config.model)
-    self.mesh = partitioning.make_mesh(config.mesh)
+    self.mesh = partitioning.make_mesh(config.mesh, devices)
     self.steps = schedule.steps_from_config(t)
     self.lr_fn = schedule.learning_rate_fn(t, self.steps)
     abstract_vars = jax.eval_shape(

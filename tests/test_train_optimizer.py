@@ -1,0 +1,133 @@
+"""Optimiser, schedule, weight decay, clipping, EMA and freezing on toy trees,
+against hand computations of the official TF1 semantics (fact sheet §6-7)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from effdet_jax.train import optimizer, schedule
+
+
+def _train_cfg(**kw):
+  base = dict(
+    batch_size=128,
+    num_steps=0,
+    num_epochs=300.0,
+    num_examples_per_epoch=120000,
+    learning_rate=0.08,
+    lr_warmup_init=0.008,
+    lr_warmup_epoch=1.0,
+    lr_warmup_steps=-1,
+    lr_decay_method='cosine',
+    first_lr_drop_epoch=200.0,
+    second_lr_drop_epoch=250.0,
+    poly_lr_power=0.9,
+  )
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+def test_cosine_schedule_tf1():
+  cfg = _train_cfg()
+  steps = schedule.steps_from_config(cfg)
+  # 120000 / 128 = 937.5 steps per epoch (TF1 float division).
+  assert steps.warmup == 937 and steps.total == 281250
+  lr = schedule.learning_rate_fn(cfg, steps)
+  adjusted, warm = 0.08 * 2, 0.008 * 2  # TF1 scales both by batch / 64
+  assert float(lr(0)) == pytest.approx(warm)
+  assert float(lr(468)) == pytest.approx(warm + 468 / 937 * (adjusted - warm))
+  # Cosine on the raw step with denominator total - warmup.
+  denom = 281250 - 937
+  for step in (937, 140000, 281250 - 937, 281249):
+    want = 0.5 * adjusted * (1 + math.cos(math.pi * step / denom))
+    assert float(lr(step)) == pytest.approx(want, rel=1e-5, abs=1e-9)
+
+
+def test_stepwise_polynomial_constant():
+  cfg = _train_cfg(lr_decay_method='stepwise', batch_size=64)
+  steps = schedule.steps_from_config(cfg)
+  lr = schedule.learning_rate_fn(cfg, steps)
+  assert float(lr(steps.first_drop - 1)) == pytest.approx(0.08)
+  assert float(lr(steps.first_drop)) == pytest.approx(0.008)
+  assert float(lr(steps.second_drop)) == pytest.approx(0.0008)
+  cfg = _train_cfg(
+    lr_decay_method='polynomial',
+    batch_size=64,
+    num_steps=1000,
+    lr_warmup_steps=0,
+  )
+  lr = schedule.learning_rate_fn(cfg, schedule.steps_from_config(cfg))
+  assert float(lr(500)) == pytest.approx(0.08 * 0.5**0.9, rel=1e-6)
+  with pytest.raises(ValueError, match='lr_decay_method'):
+    schedule.learning_rate_fn(_train_cfg(lr_decay_method='linear'), steps)
+
+
+def _toy():
+  return {
+    'conv': {'kernel': jnp.array([[3.0, 4.0]]), 'bias': jnp.array([1.0, 1.0])},
+    'bn': {'scale': jnp.array([2.0]), 'bias': jnp.array([5.0])},
+    'sep': {
+      'depthwise_kernel': jnp.array([1.0, 2.0]),
+      'pointwise_kernel': jnp.array([2.0]),
+    },
+    'fnode0': {'WSM': jnp.array(7.0)},
+  }
+
+
+def test_weight_decay_kernels_only():
+  params = _toy()
+  mask = optimizer.decay_mask(params)
+  assert mask['conv']['kernel'] and mask['sep']['depthwise_kernel']
+  assert not mask['conv']['bias'] and not mask['bn']['scale']
+  assert not mask['fnode0']['WSM']
+  wd = optimizer.weight_decay_loss(params, mask, 4e-5)
+  assert float(wd) == pytest.approx(4e-5 * 0.5 * (9 + 16 + 1 + 4 + 4))
+
+
+def test_clipping_per_tensor_then_global():
+  grads = {'a': jnp.array([30.0, 40.0]), 'b': jnp.array([6.0, 8.0])}
+  clip = optimizer.clip_per_tensor_then_global(10.0)
+  out, _ = clip.update(grads, clip.init(grads))
+  # a: norm 50 -> 10 ([6, 8]); b: norm 10 stays; global norm sqrt(200).
+  scale = 10.0 / math.sqrt(200.0)
+  np.testing.assert_allclose(out['a'], np.array([6.0, 8.0]) * scale, rtol=1e-6)
+  np.testing.assert_allclose(out['b'], np.array([6.0, 8.0]) * scale, rtol=1e-6)
+
+
+def test_momentum_matches_tf1_and_freeze():
+  params = {'w': jnp.array([1.0, -2.0]), 'frozen': jnp.array([5.0])}
+  frozen = {'w': False, 'frozen': True}
+  tx = optimizer.make_optimizer(0.9, 0.0, frozen)
+  state = tx.init(params)
+  accum_ref = np.zeros(2)
+  w_ref = np.array([1.0, -2.0])
+  for step, (g, lr) in enumerate([([0.5, 1.0], 0.1), ([-1.0, 2.0], 0.05)]):
+    grads = {'w': jnp.array(g), 'frozen': jnp.array([3.0])}
+    accum, state = tx.update(grads, state, params)
+    params = jax.tree.map(lambda w, a, lr=lr: w - lr * a, params, accum)
+    accum_ref = 0.9 * accum_ref + np.array(g)  # a = m*a + g; w -= lr*a
+    w_ref = w_ref - lr * accum_ref
+    np.testing.assert_allclose(params['w'], w_ref, rtol=1e-6, err_msg=str(step))
+  assert float(params['frozen'][0]) == 5.0
+  mask = optimizer.mask_by_regex(
+    {'backbone': {'k': 1}, 'fpn_cells': {'k': 1}, 'class_net': {'k': 1}},
+    '^(backbone|fpn)',
+  )
+  assert mask == {
+    'backbone': {'k': True},
+    'fpn_cells': {'k': True},
+    'class_net': {'k': False},
+  }
+
+
+def test_ema_warmup_and_update():
+  # tf.train.ExponentialMovingAverage(0.9998, num_updates=n).
+  assert float(optimizer.ema_decay(1, 0.9998)) == pytest.approx(2 / 11)
+  assert float(optimizer.ema_decay(100, 0.9998)) == pytest.approx(101 / 110)
+  assert float(optimizer.ema_decay(10**7, 0.9998)) == pytest.approx(0.9998)
+  ema = optimizer.ema_update({'a': jnp.array(1.0)}, {'a': jnp.array(3.0)}, 0.25)
+  assert float(ema['a']) == pytest.approx(0.25 * 1 + 0.75 * 3)
