@@ -72,6 +72,14 @@ def get_config(
       nms_score_threshold=config_dict.placeholder(float),
       max_nms_inputs=5000,  # 0: every anchor with its best class
       max_detections_per_image=100,
+      # COCO evaluation (effdet_jax/evaluation).
+      weights='ema',  # ema | raw | both (both: raw reported as raw/<metric>)
+      backend='pycocotools',  # pycocotools | faster_coco_eval
+      # Ground truth json; '' = data.eval_json (coco_json source) or built
+      # from the eval batches (synthetic, tfrecord, tfds).
+      annotations_json='',
+      num_images=0,  # > 0: evaluate only the first N images (all hosts)
+      checkpoint_step=config_dict.placeholder(int),  # --mode=eval; None: last
     )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))

@@ -49,6 +49,19 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return cfg
 
 
+class ModelAndVariables(tuple):
+  """`(model, variables)` that also carries its `model` config section.
+
+  Unpacks like the plain pair (`model, variables = effdet_jax.load(p)`);
+  `effdet_jax.predict` reads `.config` (image size, normalisation, anchors).
+  """
+
+  def __new__(cls, model: Any, variables: Any, config: Any):
+    pair = super().__new__(cls, (model, variables))
+    pair.config = ml_collections.ConfigDict(dict(config))
+    return pair
+
+
 def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
   """EfficientDet from a `model` config section (ConfigDict or dict).
 
@@ -110,7 +123,7 @@ def init_variables(model: EfficientDet, rng: jax.Array | None = None) -> dict:
 
 def create_model(
   name_or_config: Any, rng: jax.Array | None = None, **overrides: Any
-) -> tuple[EfficientDet, dict]:
+) -> ModelAndVariables:
   """`(model, variables)` with freshly initialised variables.
 
   Args:
@@ -121,7 +134,7 @@ def create_model(
   """
   cfg = _model_section(name_or_config, overrides)
   model = build_model(cfg)
-  return model, init_variables(model, rng)
+  return ModelAndVariables(model, init_variables(model, rng), cfg)
 
 
 def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
@@ -138,7 +151,7 @@ def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
   ckptr.wait_until_finished()
 
 
-def load(path: str) -> tuple[EfficientDet, dict]:
+def load(path: str) -> ModelAndVariables:
   """`(model, variables)` from a converter/`save` directory or a workdir.
 
   For a training workdir the latest checkpoint's EMA variables are used.
@@ -162,8 +175,9 @@ def load(path: str) -> tuple[EfficientDet, dict]:
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     from effdet_jax.train import checkpoint  # noqa: PLC0415
 
-    return model, checkpoint.restore_variables(path, abstract)
+    variables = checkpoint.restore_variables(path, abstract)
+    return ModelAndVariables(model, variables, cfg)
   variables = ocp.StandardCheckpointer().restore(
     os.path.join(path, VARIABLES_DIR), abstract
   )
-  return model, variables
+  return ModelAndVariables(model, variables, cfg)

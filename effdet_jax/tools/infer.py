@@ -1,0 +1,223 @@
+"""Detect objects in images, a folder or a video; write json + drawings.
+
+  python -m effdet_jax.tools.infer --checkpoint=DIR --input=IMAGE|DIR|VIDEO \\
+      --output=DIR [--config=configs/demo.py] [--min_score=0.4] \\
+      [--max_boxes=100] [--batch_size=8]
+
+`--checkpoint` is a training workdir (its EMA weights) or a converter
+directory; the model config saved there is authoritative. `--config`, if
+given, supplies the class names (its data label map) and the NMS method.
+Writes `OUTPUT/detections.json` (COCO result dicts, `image_id` = the file
+name, or the frame number for a video) and one drawn PNG per image. A file
+that cannot be decoded is reported and skipped; the others are processed.
+Video: animated GIF frames are read with Pillow and written back as a drawn
+GIF plus PNG frames; other formats (mp4, ...) need `imageio[ffmpeg]`
+installed (then a drawn mp4 is written too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from effdet_jax import api, inference
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Run config (class names, NMS method); optional.'
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint', None, 'Training workdir or converter directory.'
+)
+_INPUT = flags.DEFINE_string('input', None, 'An image, a folder or a video.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output folder.')
+_MIN_SCORE = flags.DEFINE_float('min_score', 0.4, 'Keep scores >= this.')
+_MAX_BOXES = flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.')
+_LABEL_MAP = flags.DEFINE_string(
+  'label_map', '', "coco | voc | shapes | a json file; '' = from --config."
+)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+VIDEO_EXTENSIONS = ('.gif', '.mp4', '.avi', '.mov', '.mkv', '.webm')
+
+
+def _label_map(config: Any, spec: str) -> dict[int, str]:
+  from effdet_jax.data import label_maps, sources  # noqa: PLC0415
+
+  if spec:
+    return label_maps.load(spec)
+  if config is None:
+    return {}
+  try:
+    return sources.label_map(config)
+  except Exception as err:  # noqa: BLE001 - names are a nicety
+    logging.warning('no class names from the config (%s); using ids', err)
+    return {}
+
+
+def list_images(path: str) -> list[str]:
+  """Image files of a folder (sorted), or the one file given."""
+  if os.path.isdir(path):
+    return sorted(
+      os.path.join(path, f)
+      for f in os.listdir(path)
+      if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+  return [path]
+
+
+def _video_frames(path: str) -> Iterator[np.ndarray]:
+  if path.lower().endswith('.gif'):
+    from PIL import Image, ImageSequence  # noqa: PLC0415
+
+    with Image.open(path) as im:
+      for frame in ImageSequence.Iterator(im):
+        yield np.asarray(frame.convert('RGB'))
+    return
+  try:
+    import imageio.v3 as iio  # noqa: PLC0415
+  except ImportError as err:
+    raise SystemExit(
+      f'{path}: reading this video format needs `pip install '
+      'imageio[ffmpeg]`; animated GIFs work without it'
+    ) from err
+  yield from iio.imiter(path)
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+  from PIL import Image  # noqa: PLC0415
+
+  Image.fromarray(array).save(path)
+
+
+def run(
+  predictor: inference.Predictor,
+  input_path: str,
+  output: str,
+  min_score: float,
+) -> dict[str, Any]:
+  """Processes the input; returns a summary (counts, skipped files)."""
+  os.makedirs(output, exist_ok=True)
+  if input_path.lower().endswith(VIDEO_EXTENSIONS):
+    return _run_video(predictor, input_path, output, min_score)
+  results, skipped = [], []
+  paths = list_images(input_path)
+  decoded: list[tuple[str, np.ndarray]] = []
+
+  def flush():
+    if not decoded:
+      return
+    dets = predictor.predict_arrays([a for _, a in decoded], min_score)
+    for (path, array), det in zip(decoded, dets, strict=True):
+      name = os.path.basename(path)
+      results.extend(det.to_coco(name))
+      stem = os.path.splitext(name)[0]
+      _save_png(inference.draw(array, det), os.path.join(output, stem + '.png'))
+    decoded.clear()
+
+  for path in paths:
+    try:
+      decoded.append((path, inference.read_image(path)))
+    except Exception as err:  # noqa: BLE001 - a bad file must not stop us
+      logging.error('skipping %s: cannot decode (%s)', path, err)
+      skipped.append({'file': path, 'error': f'{type(err).__name__}: {err}'})
+      continue
+    if len(decoded) == predictor.batch_size:
+      flush()
+  flush()
+  return _finish(output, results, skipped, len(paths) - len(skipped))
+
+
+def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
+  frames_dir = os.path.join(output, 'frames')
+  os.makedirs(frames_dir, exist_ok=True)
+  results, drawn, chunk = [], [], []
+
+  def flush():
+    if not chunk:
+      return
+    dets = predictor.predict_arrays([f for _, f in chunk], min_score)
+    for (index, frame), det in zip(chunk, dets, strict=True):
+      results.extend(det.to_coco(index))
+      picture = inference.draw(frame, det)
+      _save_png(picture, os.path.join(frames_dir, f'{index:06d}.png'))
+      drawn.append(picture)
+    chunk.clear()
+
+  for index, frame in enumerate(_video_frames(path)):
+    chunk.append((index, np.asarray(frame)[..., :3]))
+    if len(chunk) == predictor.batch_size:
+      flush()
+  flush()
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if drawn:
+    from PIL import Image  # noqa: PLC0415
+
+    first, *rest = [Image.fromarray(p) for p in drawn]
+    first.save(
+      os.path.join(output, stem + '.gif'),
+      save_all=True,
+      append_images=rest,
+      duration=40,
+      loop=0,
+    )
+    try:
+      import imageio.v3 as iio  # noqa: PLC0415
+
+      iio.imwrite(os.path.join(output, stem + '.mp4'), np.stack(drawn), fps=25)
+    except Exception as err:  # noqa: BLE001 - the GIF is already there
+      logging.info('no mp4 written (%s); the drawn GIF and frames are', err)
+  return _finish(output, results, [], len(drawn))
+
+
+def _finish(output, results, skipped, processed) -> dict[str, Any]:
+  with open(os.path.join(output, 'detections.json'), 'w') as f:
+    json.dump(results, f)
+  summary = {
+    'processed': processed,
+    'detections': len(results),
+    'skipped': skipped,
+  }
+  with open(os.path.join(output, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  logging.info(
+    'infer: %d images, %d detections, %d skipped -> %s',
+    processed,
+    len(results),
+    len(skipped),
+    output,
+  )
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  for flag in (_CHECKPOINT, _INPUT, _OUTPUT):
+    if not flag.value:
+      raise app.UsageError(f'--{flag.name} is required')
+  config = _CONFIG.value
+  loaded = api.load(_CHECKPOINT.value)
+  nms_method = config.eval.nms_method if config is not None else 'gaussian'
+  predictor = inference.Predictor(
+    loaded[0],
+    loaded[1],
+    loaded.config,
+    label_map=_label_map(config, _LABEL_MAP.value),
+    max_boxes=_MAX_BOXES.value,
+    nms_method=nms_method,
+    batch_size=_BATCH.value,
+  )
+  summary = run(predictor, _INPUT.value, _OUTPUT.value, _MIN_SCORE.value)
+  print(json.dumps(summary))
+
+
+if __name__ == '__main__':
+  app.run(main)
