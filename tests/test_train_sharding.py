@@ -34,11 +34,17 @@ def _rel(a, b):
   return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
+@pytest.fixture(scope='module')
+def single(tmp_path_factory):
+  return _one_step(
+    tiny_config(), jax.devices()[:1], tmp_path_factory.mktemp('one')
+  )
+
+
 @pytest.mark.parametrize('mesh', [(8, 1), (4, 2)], ids=['data8', 'data4x2'])
-def test_sharded_step_equals_single_device(mesh, tmp_path):
+def test_sharded_step_equals_single_device(mesh, single, tmp_path):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 CPU devices'
   config = tiny_config()
-  single = _one_step(config, jax.devices()[:1], tmp_path / 'one')
   config.mesh.data, config.mesh.spatial = mesh
   sharded = _one_step(config, jax.devices(), tmp_path / 'many')
   assert sharded[2]['loss'] == pytest.approx(single[2]['loss'], rel=1e-5)

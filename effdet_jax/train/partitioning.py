@@ -10,6 +10,7 @@ inserts the cross-device reductions.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -38,7 +39,18 @@ def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int]:
 
 
 def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
+  """The ('data', 'spatial') mesh; explicit sizes may use fewer devices."""
   devices = jax.devices() if devices is None else list(devices)
+  want = int(cfg.data) * int(cfg.spatial)
+  if want > 0 and want < len(devices):
+    logging.warning(
+      'mesh %dx%d uses %d of %d devices',
+      cfg.data,
+      cfg.spatial,
+      want,
+      len(devices),
+    )
+    devices = devices[:want]
   shape = mesh_shape(cfg, len(devices))
   # Auto axes: GSPMD propagates shardings through the model (the step is
   # written for jit with in/out shardings, not sharding-in-types).
