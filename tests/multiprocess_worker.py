@@ -28,11 +28,16 @@ from train_utils import fixed_batch, tiny_config  # noqa: E402
 from effdet_jax.train.trainer import Trainer  # noqa: E402
 
 
+def _local(x):
+  return x if isinstance(x, np.ndarray) else x.addressable_data(0)
+
+
 def main():
   config = tiny_config(batch_size=8)
   tr = Trainer(config, tempfile.mkdtemp())
   state = tr.fresh_state()
-  init = state.params
+  # A host copy: the step donates (deletes) the state it is given.
+  init = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
   pi, pc = jax.process_index(), jax.process_count()
   rows = slice(pi * 8 // pc, (pi + 1) * 8 // pc)
   for step in range(3):
@@ -52,7 +57,7 @@ def main():
     }
     for name, tree in trees.items():
       flat = traverse_util.flatten_dict(
-        jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+        jax.tree.map(lambda x: np.asarray(_local(x)), tree)
       )
       out.update({name + '/' + '/'.join(k): v for k, v in flat.items()})
     np.savez(sys.argv[1], **out)
