@@ -80,6 +80,8 @@ def get_config(
       annotations_json='',
       num_images=0,  # > 0: evaluate only the first N images (all hosts)
       checkpoint_step=config_dict.placeholder(int),  # --mode=eval; None: last
+      draw_predictions=0,  # > 0: draw this many eval images at the end
+      draw_min_score=0.4,  # score threshold of the drawn boxes
     )
   )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))

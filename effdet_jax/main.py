@@ -69,6 +69,30 @@ def main(argv):
 
     evaluate_fn = runner.make_evaluate_fn(config, workdir)
   trainer.train_and_evaluate(config, workdir, evaluate_fn)
+  if jax.process_index() == 0:
+    _report(config, workdir)
+
+
+def _report(config, workdir: str) -> None:
+  """Final COCO metrics and, when configured, drawn predictions."""
+  import glob  # noqa: PLC0415
+  import json  # noqa: PLC0415
+
+  evals = glob.glob(os.path.join(workdir, 'eval', 'step_*.json'))
+  if evals:
+    last = max(evals, key=lambda p: int(p.rsplit('_', 1)[1].split('.')[0]))
+    with open(last) as f:
+      m = json.load(f)
+    keys = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'ARmax100')
+    print(f'COCO metrics ({last}):')
+    print('  ' + '  '.join(f'{k} {m[k]:.3f}' for k in keys if k in m))
+  if config.eval.draw_predictions > 0:
+    from effdet_jax.tools import draw_predictions  # noqa: PLC0415
+
+    out = draw_predictions.draw_eval_predictions(
+      config, workdir, config.eval.draw_predictions, config.eval.draw_min_score
+    )
+    print(f'drawn predictions: {out}')
 
 
 if __name__ == '__main__':

@@ -229,58 +229,63 @@ def train_and_evaluate(
   images_per_step = t.batch_size
   pending: list[dict] = []
   last_time, last_step = time.time(), start
-  with _Preemption() as preempt:
-    for step in range(start, total):
-      batch = next(data)
-      state, step_metrics = trainer.step_fn(batch)(state, batch)
-      pending.append(step_metrics)
-      done = step + 1
-      for h in hooks:
-        h(done)
-      log_now = done % t.log_every_steps == 0 or done == total
-      if log_now:
-        summary = _summarize(jax.device_get(pending))
-        pending = []
-        skipped = int(jax.device_get(state.num_skipped))
-        if summary['nonfinite'] > 0 and not t.skip_nonfinite:
-          bad = int(jax.device_get(state.last_skipped_step))
-          raise FloatingPointError(
-            f'non-finite loss or gradient at step {bad}; the update was not '
-            'applied and no checkpoint holds it (set train.skip_nonfinite '
-            'to skip such steps)'
+  # Pending async saves are finished (and their threads joined) on every
+  # exit: normal end, preemption, a non-finite step or any error.
+  try:
+    with _Preemption() as preempt:
+      for step in range(start, total):
+        batch = next(data)
+        state, step_metrics = trainer.step_fn(batch)(state, batch)
+        pending.append(step_metrics)
+        done = step + 1
+        for h in hooks:
+          h(done)
+        log_now = done % t.log_every_steps == 0 or done == total
+        if log_now:
+          summary = _summarize(jax.device_get(pending))
+          pending = []
+          skipped = int(jax.device_get(state.num_skipped))
+          if summary['nonfinite'] > 0 and not t.skip_nonfinite:
+            bad = int(jax.device_get(state.last_skipped_step))
+            raise FloatingPointError(
+              f'non-finite loss or gradient at step {bad}; the update was not '
+              'applied and no checkpoint holds it (set train.skip_nonfinite '
+              'to skip such steps)'
+            )
+          now = time.time()
+          rate = (done - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, done
+          summary.update(
+            steps_per_sec=rate,
+            images_per_sec=rate * images_per_step,
+            num_skipped=skipped,
           )
-        now = time.time()
-        rate = (done - last_step) / max(now - last_time, 1e-9)
-        last_time, last_step = now, done
-        summary.update(
-          steps_per_sec=rate,
-          images_per_sec=rate * images_per_step,
-          num_skipped=skipped,
-        )
-        writer.write_scalars(done, summary)
-      eval_metrics = None
-      if evaluate_fn and eval_every > 0 and done % eval_every == 0:
-        eval_metrics = evaluate_fn(state, done)
-        writer.write_scalars(
-          done, {f'eval/{k}': v for k, v in eval_metrics.items()}
-        )
-      ckpt.save(done, state, metrics=eval_metrics)
-      if preempt.synced():
-        ckpt.save(done, state, metrics=eval_metrics, force=True)
-        ckpt.close()
-        writer.flush()
-        logging.warning('preempted: saved step %d, exiting', done)
-        raise SystemExit(0)
-  final_metrics = None
-  if evaluate_fn and (eval_every <= 0 or total % eval_every != 0):
-    final_metrics = evaluate_fn(state, total)
-    writer.write_scalars(
-      total, {f'eval/{k}': v for k, v in final_metrics.items()}
-    )
-  if ckpt.latest_step() != total:
-    ckpt.save(total, state, metrics=final_metrics, force=True)
-  ckpt.close()
-  writer.flush()
+          writer.write_scalars(done, summary)
+        eval_metrics = None
+        if evaluate_fn and eval_every > 0 and done % eval_every == 0:
+          eval_metrics = evaluate_fn(state, done)
+          writer.write_scalars(
+            done, {f'eval/{k}': v for k, v in eval_metrics.items()}
+          )
+        ckpt.save(done, state, metrics=eval_metrics)
+        # Several processes agree on preemption at log steps only (it is a
+        # collective); a single process checks after every step.
+        if (jax.process_count() == 1 or log_now) and preempt.synced():
+          if ckpt.latest_step() != done:
+            ckpt.save(done, state, metrics=eval_metrics, force=True)
+          logging.warning('preempted: saved step %d, exiting', done)
+          raise SystemExit(0)
+    final_metrics = None
+    if evaluate_fn and (eval_every <= 0 or total % eval_every != 0):
+      final_metrics = evaluate_fn(state, total)
+      writer.write_scalars(
+        total, {f'eval/{k}': v for k, v in final_metrics.items()}
+      )
+    if ckpt.latest_step() != total:
+      ckpt.save(total, state, metrics=final_metrics, force=True)
+  finally:
+    ckpt.close()
+    writer.flush()
   return state
 
 
