@@ -51,7 +51,10 @@ def get_config(
       iou_loss_weight=1.0,
       matched_threshold=0.5,
       unmatched_threshold=0.5,
-      freeze='',  # regex over param paths (official var_freeze_expr)
+      # Official var_freeze_expr: re.match on official variable names, e.g.
+      # '(efficientnet|fpn_cells|resample_p6)' (train/freeze.py).
+      freeze='',
+      freeze_bn_stats=False,  # True: frozen layers' BN moving stats fixed
       remat=False,  # gradient checkpointing of backbone blocks, BiFPN cells
       skip_nonfinite=False,  # skip (and count) non-finite steps, else stop
       log_every_steps=50,
@@ -84,7 +87,17 @@ def get_config(
       draw_min_score=0.4,  # score threshold of the drawn boxes
     )
   )
+  # Pretrained start when the workdir has no checkpoint (train/init_from.py):
+  # path = converted dir, training workdir, official TF checkpoint or .h5.
+  config.init_from = ml_collections.ConfigDict(
+    dict(path='', kind='detector', ema=True, allow_missing='')
+  )
   config.mesh = ml_collections.ConfigDict(dict(data=-1, spatial=1))
+  # JAX persistent compilation cache ('' = off): a restarted or preempted
+  # run, or the next eval job, skips XLA compiles it has done before.
+  config.compilation_cache = ml_collections.ConfigDict(
+    dict(dir='', min_compile_time_s=1.0)
+  )
   config.checkpoint = ml_collections.ConfigDict(
     dict(every_steps=1000, keep=3, best_metric='AP', keep_best=1)
   )

@@ -14,6 +14,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from effdet_jax import compilation_cache
+
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Run config file (configs/*.py).', lock_config=True
 )
@@ -26,6 +28,12 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
+_DISTRIBUTED = flags.DEFINE_bool(
+  'distributed',
+  False,
+  'jax.distributed.initialize() with the cluster auto-detected (every '
+  'worker of a TPU pod slice; launch/run.sh passes it).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,7 +45,10 @@ def _initialize_distributed() -> None:
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
-  elif len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1:
+  elif (
+    _DISTRIBUTED.value
+    or len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
+  ):
     jax.distributed.initialize()  # TPU pod slice: auto-detected
 
 
@@ -58,6 +69,7 @@ def main(argv):
   from effdet_jax.train import trainer  # noqa: PLC0415
 
   config, workdir = _CONFIG.value, _WORKDIR.value
+  compilation_cache.enable(config)
   if _MODE.value == 'eval':
     from effdet_jax.evaluation import runner  # noqa: PLC0415
 

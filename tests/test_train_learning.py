@@ -1,6 +1,9 @@
 """Learning works: the detection loss falls by at least half within a small
 budget, on the synthetic shapes and on the real images of shared/data."""
 
+import logging
+import re
+
 import numpy as np
 import pytest
 from conftest import shared_dir
@@ -28,6 +31,19 @@ def _config(source, **data):
   return config
 
 
+class _CompileLog(logging.Handler):
+  """Collects the names of the XLA programs compiled (jax.log_compiles)."""
+
+  def __init__(self, names):
+    super().__init__(logging.DEBUG)
+    self.names = names
+
+  def emit(self, record):
+    m = re.match(r'Finished XLA compilation of (\S+)', record.getMessage())
+    if m:
+      self.names.append(m.group(1))
+
+
 def _det_losses(workdir):
   rows = [r for r in metrics_lib.read_metrics(str(workdir)) if 'det_loss' in r]
   return [r['det_loss'] for r in rows]
@@ -48,10 +64,30 @@ def test_detection_loss_halves(source, tmp_path):
     config.model.num_classes = 3
   else:
     config = _config('synthetic')
+    # Two evaluations whose last batch is partly padding (13 = 8 + 5).
+    config.eval.every_steps = 60
+    config.eval.num_images = 13
   import jax
 
-  with jax.default_device(jax.devices()[0]):
-    train_and_evaluate(config, str(tmp_path))
+  evaluate_fn = None
+  if source == 'synthetic':
+    from effdet_jax.evaluation import runner
+
+    evaluate_fn = runner.make_evaluate_fn(config, str(tmp_path))
+  compiled = []
+  handler = _CompileLog(compiled)
+  logger = logging.getLogger('jax._src.dispatch')
+  logger.addHandler(handler)
+  try:
+    with jax.default_device(jax.devices()[0]), jax.log_compiles(True):
+      train_and_evaluate(config, str(tmp_path), evaluate_fn)
+  finally:
+    logger.removeHandler(handler)
+  # No recompilation: one program for the step, one for eval detection,
+  # whatever the step or the number of valid images in a batch.
+  assert compiled.count('jit(train_step)') == 1, compiled
+  if source == 'synthetic':
+    assert compiled.count('jit(detect)') == 1, compiled
   losses = _det_losses(tmp_path)
   # Margin: the mean of the last 20 steps is at most half the first 10.
   assert np.mean(losses[-2:]) <= 0.5 * losses[0], losses

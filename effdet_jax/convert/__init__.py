@@ -5,27 +5,71 @@ from __future__ import annotations
 import jax
 
 from effdet_jax import api
-from effdet_jax.convert import effdet_torch, tf_checkpoint
+from effdet_jax.convert import (
+  effdet_torch,
+  keras_h5,
+  tf_backbone,
+  tf_checkpoint,
+)
 from effdet_jax.convert.effdet_torch import convert_effdet_state_dict
-from effdet_jax.convert.strict_fill import ConversionError
+from effdet_jax.convert.keras_h5 import convert_keras_h5
+from effdet_jax.convert.strict_fill import ConversionError, Report
+from effdet_jax.convert.tf_backbone import convert_tf_backbone
 from effdet_jax.convert.tf_checkpoint import convert_tf_checkpoint
 
 __all__ = [
+  'SOURCES',
   'ConversionError',
+  'Report',
   'convert',
   'convert_effdet_state_dict',
+  'convert_keras_h5',
+  'convert_tf_backbone',
   'convert_tf_checkpoint',
 ]
 
+# tf: official checkpoint folder; keras: official .h5 weights; tf-backbone:
+# EfficientNet(-lite) checkpoint -> backbone only; effdet: PyTorch state dict.
+SOURCES = ('tf', 'keras', 'tf-backbone', 'effdet')
 
-def convert(source: str, input_path: str, model_cfg, ema: bool = True) -> dict:
-  """Our variables for `model_cfg` read from `input_path`."""
+
+def convert(
+  source: str,
+  input_path: str,
+  model_cfg,
+  ema: bool = True,
+  allow_missing: str = '',
+  with_report: bool = False,
+):
+  """Our variables for `model_cfg` read from `input_path`.
+
+  `tf-backbone` gives only the backbone part (`{'params': {'backbone':
+  ...}, 'batch_stats': {'backbone': ...}}`). `allow_missing` (regex,
+  re.match on official names) lists intended gaps; targets it covers that
+  the source lacks are freshly initialised (seed 0). With `with_report`,
+  returns `(variables, Report)`.
+  """
   model = api.build_model(model_cfg)
   abstract = jax.eval_shape(lambda: api.init_variables(model))
+  fallback = api.init_variables(model) if allow_missing else None
+  bb = model_cfg.backbone_name
   if source == 'tf':
-    return tf_checkpoint.convert_tf_checkpoint(
-      input_path, abstract, model_cfg.backbone_name, ema=ema
+    out = tf_checkpoint.convert_tf_checkpoint(
+      input_path, abstract, bb, ema, allow_missing, fallback, True
     )
-  if source == 'effdet':
-    return effdet_torch.convert_effdet_file(input_path, abstract, model)
-  raise ValueError(f'unknown source {source!r}')
+  elif source == 'keras':
+    out = keras_h5.convert_keras_h5(
+      input_path, abstract, bb, allow_missing, fallback, True
+    )
+  elif source == 'tf-backbone':
+    out = tf_backbone.convert_tf_backbone(
+      input_path, abstract, bb, ema, allow_missing, with_report=True
+    )
+  elif source == 'effdet':
+    if allow_missing:
+      raise ValueError('--allow-missing is not supported for effdet')
+    variables = effdet_torch.convert_effdet_file(input_path, abstract, model)
+    out = (variables, None)
+  else:
+    raise ValueError(f'unknown source {source!r}; valid: {SOURCES}')
+  return out if with_report else out[0]

@@ -1,40 +1,120 @@
 """`python -m effdet_jax.convert`: weights from other code -> our checkpoint.
 
+  # official detector checkpoint folder (efficientdet-dN.tar.gz, unpacked)
   python -m effdet_jax.convert --source=tf --input=CKPT_DIR \
       --config=configs/d0.py --output=OUT_DIR [--ema=true|false]
+  # official Keras weights (efficientdet-dN.h5, EMA values); h5py only
+  python -m effdet_jax.convert --source=keras --input=efficientdet-d0.h5 \
+      --config=configs/d0.py --output=OUT_DIR
+  # EfficientNet(-lite) ImageNet / AdvProp / NoisyStudent checkpoint ->
+  # backbone-only variables (for `config.init_from.kind='backbone'`)
+  python -m effdet_jax.convert --source=tf-backbone --input=CKPT_DIR \
+      --config=configs/d0.py --output=OUT_DIR [--advprop]
+  # rwightman/efficientdet-pytorch state dict
   python -m effdet_jax.convert --source=effdet --input=STATE_DICT.pth \
       --config=configs/d0.py --output=OUT_DIR
 
-The output opens with `effdet_jax.load(OUT_DIR)`.
+Matching is strict: a target variable without a source tensor, a shape
+mismatch or a source tensor left unused is an error listing the names.
+`--allow-missing=REGEX` (re.match on official variable names, e.g.
+`class_net/class-predict/`) marks intended gaps: such targets are
+initialised fresh (seed 0) and such source tensors skipped. Not weights
+(global_step, optimizer slots), the EMA twin not read and the ImageNet
+classifier head (`efficientnet-bN/head/`, tf-backbone) are skipped without
+a flag. The report of every matched variable (our path <- official name
+[shape]) is written to OUT_DIR/conversion_report.txt, a summary to
+OUT_DIR/conversion.json.
+
+`--advprop` (AdvProp backbones): writes the official AdvProp input
+normalisation (mean 0, std 1, scale_range: x * 2 / 255 - 1, i.e. [-1, 1])
+into OUT_DIR/model_config.json; use the same three `model` fields in the
+training config (init_from checks they agree).
+
+A detector output opens with `effdet_jax.load(OUT_DIR)`; any output can be
+a training run's `config.init_from.path`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from effdet_jax import api
-from effdet_jax.convert import convert
+from effdet_jax.convert import SOURCES, convert, tf_backbone
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_SOURCE = flags.DEFINE_enum('source', None, ['tf', 'effdet'], 'Source format.')
+_SOURCE = flags.DEFINE_enum('source', None, list(SOURCES), 'Source format.')
 _INPUT = flags.DEFINE_string('input', None, 'Checkpoint folder or file.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
-_EMA = flags.DEFINE_bool('ema', True, 'tf: use the EMA shadow weights.')
+_EMA = flags.DEFINE_bool(
+  'ema', True, 'tf, tf-backbone: use the EMA shadow weights.'
+)
+_ALLOW_MISSING = flags.DEFINE_string(
+  'allow-missing',
+  '',
+  'Regex (re.match on official names) of intended gaps: targets initialised '
+  'fresh, source tensors skipped.',
+)
+_ADVPROP = flags.DEFINE_bool(
+  'advprop',
+  False,
+  'AdvProp weights: record [-1, 1] input scaling (mean 0, std 1, '
+  'scale_range) in the output model config.',
+)
 flags.mark_flags_as_required(['config', 'source', 'input', 'output'])
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value.model
-  variables = convert(_SOURCE.value, _INPUT.value, cfg, _EMA.value)
-  api.save(_OUTPUT.value, cfg, variables)
+  if _ADVPROP.value:
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+      cfg.update(tf_backbone.ADVPROP_INPUT)
+  variables, report = convert(
+    _SOURCE.value,
+    _INPUT.value,
+    cfg,
+    _EMA.value,
+    _ALLOW_MISSING.value,
+    with_report=True,
+  )
+  out = _OUTPUT.value
+  api.save(out, cfg, variables)
   n = sum(x.size for x in jax.tree.leaves(variables))
-  logging.info('wrote %s (%d values)', _OUTPUT.value, n)
-  print(f'converted {_INPUT.value} -> {_OUTPUT.value}: {n} values, all matched')
+  kind = 'backbone' if _SOURCE.value == 'tf-backbone' else 'detector'
+  summary = dict(
+    source=_SOURCE.value,
+    input=os.path.abspath(_INPUT.value),
+    kind=kind,
+    ema=_EMA.value,
+    advprop=_ADVPROP.value,
+    allow_missing=_ALLOW_MISSING.value,
+    values=int(n),
+  )
+  lines = []
+  if report is not None:
+    lines = report.lines()
+    summary.update(
+      matched=len(report.matched), fresh=report.fresh, skipped=report.skipped
+    )
+    with open(os.path.join(out, 'conversion_report.txt'), 'w') as f:
+      f.write('\n'.join(lines) + '\n')
+  with open(os.path.join(out, 'conversion.json'), 'w') as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  logging.info('wrote %s (%d values)', out, n)
+  print('\n'.join(lines))
+  fresh = len(report.fresh) if report else 0
+  print(
+    f'converted {_INPUT.value} -> {out} ({kind}): {n} values, '
+    f'{len(report.matched) if report else "all"} variables matched, '
+    f'{fresh} initialised fresh'
+  )
 
 
 if __name__ == '__main__':

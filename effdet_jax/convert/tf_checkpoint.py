@@ -9,7 +9,7 @@ by default, as the official evaluation and inference do (§11.3).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -38,7 +38,8 @@ def official_name(
   return '/'.join(scopes + [leaf])
 
 
-def _bn_modules(abstract: Mapping) -> set[tuple[str, ...]]:
+def bn_modules(abstract: Mapping) -> set[tuple[str, ...]]:
+  """Module paths (without collection) that hold BN `scale` parameters."""
   from flax import traverse_util
 
   return {
@@ -49,22 +50,34 @@ def _bn_modules(abstract: Mapping) -> set[tuple[str, ...]]:
 
 
 def convert_tf_checkpoint(
-  ckpt_path: str, abstract: Mapping, backbone_name: str, ema: bool = True
-) -> dict:
+  ckpt_path: str,
+  abstract: Mapping,
+  backbone_name: str,
+  ema: bool = True,
+  allow_missing: str = '',
+  fallback: Mapping | None = None,
+  with_report: bool = False,
+  ignore: Callable[[str], bool] | None = None,
+):
   """Reads an official checkpoint into a tree shaped like `abstract`.
 
   Args:
     ckpt_path: checkpoint folder or prefix (as `tf.train.load_checkpoint`).
-    abstract: our variables or `jax.eval_shape` of them.
+    abstract: our variables or `jax.eval_shape` of them (a part of the tree,
+      e.g. only the backbone, reads only that part).
     backbone_name: e.g. 'efficientnet-b0' (the checkpoint's backbone scope).
     ema: read the `/ExponentialMovingAverage` shadows (True) or the raw
       weights (False). With ema=True a variable without a shadow is an error.
+    allow_missing: regex of intended gaps (see `strict_fill.fill_report`).
+    fallback: values for allowed-missing targets.
+    with_report: return `(variables, strict_fill.Report)`.
+    ignore: more source names that may stay unused silently.
   """
   import tensorflow as tf
 
   reader = tf.train.load_checkpoint(ckpt_path)
   names = set(reader.get_variable_to_shape_map())
-  bn = _bn_modules(abstract)
+  bn = bn_modules(abstract)
   has_ema = any(n.endswith(EMA_SUFFIX) for n in names)
   if ema and not has_ema:
     raise strict_fill.ConversionError(
@@ -75,15 +88,37 @@ def convert_tf_checkpoint(
     name = official_name(path, backbone_name, path[1:-1] in bn)
     return (name + EMA_SUFFIX if ema else name), lambda a: a
 
-  def ignore(name: str, used: set[str]) -> bool:
+  def skip(name: str, used: set[str]) -> bool:
     # The copy we did not read is fine to skip only where we read its twin.
-    if re.fullmatch(_NOT_WEIGHTS, name):
+    if re.fullmatch(_NOT_WEIGHTS, name) or (ignore and ignore(name)):
       return True
     if ema:
       return name + EMA_SUFFIX in used
     return name.endswith(EMA_SUFFIX) and name[: -len(EMA_SUFFIX)] in used
 
-  return strict_fill.fill(abstract, rule, reader.get_tensor, names, ignore)
+  variables, report = strict_fill.fill_report(
+    abstract,
+    rule,
+    reader.get_tensor,
+    names,
+    skip,
+    allow_missing=allow_missing,
+    fallback=fallback,
+  )
+  return (variables, report) if with_report else variables
+
+
+def official_names(
+  variables: Mapping, backbone_name: str
+) -> dict[tuple[str, ...], str]:
+  """{our flattened path (collection first): official variable name}."""
+  from flax import traverse_util
+
+  bn = bn_modules(variables)
+  return {
+    p: official_name(p, backbone_name, p[1:-1] in bn)
+    for p in traverse_util.flatten_dict(dict(variables))
+  }
 
 
 def to_official(
@@ -92,8 +127,6 @@ def to_official(
   """Our variables as {official name: array} (the inverse mapping)."""
   from flax import traverse_util
 
-  bn = _bn_modules(variables)
-  return {
-    official_name(p, backbone_name, p[1:-1] in bn): np.asarray(v)
-    for p, v in traverse_util.flatten_dict(dict(variables)).items()
-  }
+  flat = traverse_util.flatten_dict(dict(variables))
+  names = official_names(variables, backbone_name)
+  return {names[p]: np.asarray(v) for p, v in flat.items()}

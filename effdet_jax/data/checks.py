@@ -30,7 +30,7 @@ BOX_PROBLEMS = (
 NOTES = ('no_annotations',)
 
 # Boxes may overshoot the image by float rounding of normalised coordinates.
-_OUTSIDE_TOLERANCE_PX = 0.01
+OUTSIDE_TOLERANCE_PX = 0.01
 _LOG_FIRST = 5
 
 
@@ -99,7 +99,7 @@ def box_problems(
   """Masks [N] of boxes to skip, by reason (boxes normalised yxyx)."""
   px = boxes * np.array([h, w, h, w], np.float64)
   finite = np.all(np.isfinite(boxes), axis=1)
-  tol = _OUTSIDE_TOLERANCE_PX
+  tol = OUTSIDE_TOLERANCE_PX
   with np.errstate(invalid='ignore'):
     zero = (px[:, 2] <= px[:, 0]) | (px[:, 3] <= px[:, 1])
     outside = (

@@ -39,6 +39,12 @@ def data_config() -> ml_collections.ConfigDict:
       synthetic_max_objects=4,
       # '' (from the source) | coco | voc | shapes | path to a json map.
       label_map='',
+      # coco_json: 'keep' (class id = category id) | 'contiguous' (the
+      # json's categories in id order -> 1..K; any ids; written back).
+      category_ids='keep',
+      # Stop at start-up when the data does not fit the config
+      # (dataset_checks.py); False only to skip the json scan.
+      check_dataset=True,
       # Official input defaults (fact sheet §1.4).
       max_instances_per_image=100,
       input_rand_hflip=True,

@@ -6,6 +6,7 @@ COCO keeps its category ids 1..90 (80 used); VOC uses the official
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -135,6 +136,8 @@ def load(spec: str | dict | None) -> dict[int, str]:
 def _normalise(raw: dict) -> dict[int, str]:
   out = {}
   for key, value in raw.items():
+    if isinstance(value, dict):  # a workdir label_map.json (ClassMap)
+      value = value['name']
     if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
       key, value = value, key  # name -> id
     out[int(key)] = str(value)
@@ -146,3 +149,85 @@ def save(path: str, label_map: dict[int, str]) -> None:
   """Writes {id: name} as json, ids sorted."""
   with open(path, 'w') as f:
     json.dump({str(k): label_map[k] for k in sorted(label_map)}, f, indent=1)
+
+
+# The label map a training run saves beside its checkpoints.
+WORKDIR_FILE = 'label_map.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassMap:
+  """The classes of a run: the model's 1-based class id -> name, and ->
+  the dataset's category id (the id written into COCO results). Identity
+  category ids unless `data.category_ids='contiguous'`."""
+
+  names: dict[int, str]
+  category_ids: dict[int, int]
+
+  @classmethod
+  def identity(cls, names: dict[int, str]) -> ClassMap:
+    return cls(dict(names), {k: k for k in names})
+
+  @property
+  def is_identity(self) -> bool:
+    return all(k == v for k, v in self.category_ids.items())
+
+  @property
+  def category_to_class(self) -> dict[int, int]:
+    return {v: k for k, v in self.category_ids.items()}
+
+  def to_json(self) -> dict[str, dict]:
+    return {
+      str(k): {'name': self.names[k], 'category_id': self.category_ids[k]}
+      for k in sorted(self.names)
+    }
+
+  @classmethod
+  def from_json(cls, raw: dict) -> ClassMap:
+    names, ids = {}, {}
+    for key, value in raw.items():
+      if isinstance(value, dict):
+        names[int(key)] = str(value['name'])
+        ids[int(key)] = int(value.get('category_id', key))
+      else:  # a plain {id: name} map
+        names[int(key)] = str(value)
+        ids[int(key)] = int(key)
+    return cls(names, ids)
+
+  def differences(self, other: ClassMap) -> list[str]:
+    """Human-readable lines where `other` differs from this map."""
+    out = []
+    for k in sorted(set(self.names) | set(other.names)):
+      mine = (self.names.get(k), self.category_ids.get(k))
+      theirs = (other.names.get(k), other.category_ids.get(k))
+      if mine != theirs:
+        out.append(
+          f'class {k}: {_describe(*mine)} here vs {_describe(*theirs)}'
+        )
+    return out
+
+
+def _describe(name: str | None, category_id: int | None) -> str:
+  if name is None:
+    return 'absent'
+  return f'{name!r} (category id {category_id})'
+
+
+def save_workdir(workdir: str, class_map: ClassMap) -> str:
+  """Writes `workdir/label_map.json` (a local path or gs://)."""
+  from etils import epath  # noqa: PLC0415
+
+  path = epath.Path(workdir) / WORKDIR_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(class_map.to_json(), indent=1))
+  return str(path)
+
+
+def load_workdir(workdir: str) -> ClassMap | None:
+  """The ClassMap saved in a workdir, or None when there is none."""
+  from etils import epath  # noqa: PLC0415
+
+  path = epath.Path(workdir) / WORKDIR_FILE
+  if not path.exists():
+    return None
+  return ClassMap.from_json(json.loads(path.read_text()))

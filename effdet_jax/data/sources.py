@@ -62,7 +62,10 @@ def raw_examples(
       json_path, images = data.train_json, data.train_images
     else:
       json_path, images = data.eval_json, data.eval_images
-    return _coco_json(json_path, images, training, data.seed, shard)
+    remap = None
+    if data.category_ids == 'contiguous':
+      remap = class_map(config).category_to_class
+    return _coco_json(json_path, images, training, data.seed, shard, remap)
   if data.source == 'synthetic':
     return _synthetic(data, split, shard)
   raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
@@ -183,10 +186,16 @@ def _from_tfds_voc(ex: dict) -> dict:
 # -- COCO json + image folder -------------------------------------------------
 
 
-def read_coco_json(json_path: str, images_dir: str) -> dict[str, np.ndarray]:
+def read_coco_json(
+  json_path: str,
+  images_dir: str,
+  category_to_class: dict[int, int] | None = None,
+) -> dict[str, np.ndarray]:
   """Per-image arrays from a COCO detection json, boxes normalised the way
   the official converter does it ((x + w) / W, in float64, then float32).
-  Nothing is filtered here; the checks in checks.py count bad boxes."""
+  Nothing is filtered here; the checks in checks.py count bad boxes.
+  `category_to_class` maps category ids to class ids (unknown -> 0, which
+  the checks count as a bad class id); None keeps the ids."""
   with tf.io.gfile.GFile(json_path) as f:
     coco = json.load(f)
   by_image: dict[int, list] = {}
@@ -202,7 +211,10 @@ def read_coco_json(json_path: str, images_dir: str) -> dict[str, np.ndarray]:
       rows['boxes'].append(
         [y / height, x / width, (y + h) / height, (x + w) / width]
       )
-      rows['classes'].append(int(ann['category_id']))
+      category = int(ann['category_id'])
+      if category_to_class is not None:
+        category = category_to_class.get(category, 0)
+      rows['classes'].append(category)
       rows['is_crowd'].append(bool(ann.get('iscrowd', 0)))
       rows['area'].append(float(ann.get('area', w * h)))
     splits.append(splits[-1] + len(anns))
@@ -223,10 +235,12 @@ def read_coco_json(json_path: str, images_dir: str) -> dict[str, np.ndarray]:
   }
 
 
-def _coco_json(json_path, images_dir, training, seed, shard) -> tf.data.Dataset:
+def _coco_json(
+  json_path, images_dir, training, seed, shard, remap=None
+) -> tf.data.Dataset:
   if not json_path:
     raise ValueError('data.source=coco_json needs data.{train,eval}_json')
-  table = read_coco_json(json_path, images_dir)
+  table = read_coco_json(json_path, images_dir, remap)
   const = {k: tf.constant(v) for k, v in table.items()}
   index, count = shard
   ds = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
@@ -275,9 +289,42 @@ def _synthetic(data, split, shard) -> tf.data.Dataset:
 # -- class names -------------------------------------------------------------
 
 
+CATEGORY_IDS = ('keep', 'contiguous')
+
+
+def class_map(config: Any) -> label_maps.ClassMap:
+  """The run's classes: class id -> name and -> dataset category id.
+
+  'keep': class ids are the dataset's ids (`dataset_label_map`).
+  'contiguous' (coco_json): the categories sorted by id become 1..K.
+  """
+  mode = config.data.category_ids
+  if mode not in CATEGORY_IDS:
+    raise ValueError(f'data.category_ids={mode!r}; valid: {CATEGORY_IDS}')
+  names = dataset_label_map(config)
+  if mode == 'keep':
+    return label_maps.ClassMap.identity(names)
+  if config.data.source != 'coco_json':
+    raise ValueError(
+      "data.category_ids='contiguous' needs data.source='coco_json' (records "
+      f'carry their class ids); source is {config.data.source!r}'
+    )
+  ids = sorted(names)
+  return label_maps.ClassMap(
+    {i + 1: names[c] for i, c in enumerate(ids)},
+    {i + 1: c for i, c in enumerate(ids)},
+  )
+
+
 def label_map(config: Any) -> dict[int, str]:
   """{class id: name} for the configured data (for drawing and per-class
-  metrics): data.label_map if set, else what the source implies."""
+  metrics), after the data.category_ids mapping."""
+  return class_map(config).names
+
+
+def dataset_label_map(config: Any) -> dict[int, str]:
+  """{dataset category id: name}: data.label_map if set, else what the
+  source implies."""
   data = config.data
   if data.label_map:
     return label_maps.load(data.label_map)

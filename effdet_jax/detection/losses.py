@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from effdet_jax.detection import box_coder, levels
+from effdet_jax.detection import box_coder, focal, levels
 from effdet_jax.detection.targets import Targets
 
 Array = jax.Array
@@ -119,18 +119,28 @@ def detection_loss(
     targets: from `targets.assign` for the same anchors.
     anchors: `[N, 4]`, needed only for an IoU-family loss.
   """
-  cls = levels.merge_levels(class_outputs, num_classes).astype(jnp.float32)
-  box = levels.merge_levels(box_outputs, 4).astype(jnp.float32)
   normalizer = jnp.sum(targets.num_positives) + 1.0
-  one_hot = jax.nn.one_hot(targets.cls_targets, num_classes, dtype=jnp.float32)
-  cls_loss = (
-    jnp.sum(focal_loss(cls, one_hot, alpha, gamma, label_smoothing))
-    / normalizer
-  )
-  mask = (targets.box_targets != 0.0).astype(jnp.float32)
-  box_loss = jnp.sum(huber(box - targets.box_targets, delta) * mask) / (
-    4.0 * normalizer
-  )
+  b = class_outputs[0].shape[0]
+  cls_sum, box_sum, start = 0.0, 0.0, 0
+  # Per level: concatenating the levels costs a copy forward and backward.
+  for cls_l, box_l in zip(class_outputs, box_outputs, strict=True):
+    n = box_l.size // (4 * b)
+    ids = targets.cls_targets[:, start : start + n]
+    if label_smoothing:
+      one_hot = jax.nn.one_hot(ids, num_classes, dtype=jnp.float32)
+      logits = cls_l.astype(jnp.float32).reshape(b, n, num_classes)
+      cls_sum += jnp.sum(
+        focal_loss(logits, one_hot, alpha, gamma, label_smoothing)
+      )
+    else:
+      cls_sum += focal.focal_loss_sum(cls_l, ids, num_classes, alpha, gamma)
+    box_t = targets.box_targets[:, start : start + n]
+    err = box_l.astype(jnp.float32).reshape(b, n, 4) - box_t
+    mask = (box_t != 0.0).astype(jnp.float32)
+    box_sum += jnp.sum(huber(err, delta) * mask)
+    start += n
+  cls_loss = cls_sum / normalizer
+  box_loss = box_sum / (4.0 * normalizer)
   total = cls_loss + box_loss_weight * box_loss
   parts = {
     'cls_loss': cls_loss,
@@ -141,6 +151,7 @@ def detection_loss(
     if anchors is None:
       raise ValueError('an IoU-family loss needs the anchors')
     anchors = jnp.asarray(anchors, jnp.float32)
+    box = levels.merge_levels(box_outputs, 4).astype(jnp.float32)
     pred = box_coder.decode(box, anchors)
     tgt = box_coder.decode(targets.box_targets, anchors)
     pos = targets.positive.astype(jnp.float32)

@@ -182,14 +182,30 @@ def assign(
   anchors = jnp.asarray(anchors, jnp.float32)
   boxes = normalize_corners(jnp.asarray(boxes, jnp.float32))
   classes = jnp.asarray(classes, jnp.int32)
+  matches = match(
+    anchors, boxes, classes, matched_threshold, unmatched_threshold, chunk
+  )
+  return jax.vmap(lambda b, c, mt: _targets_one(anchors, b, c, mt))(
+    boxes, classes, matches
+  )
+
+
+def match(
+  anchors: Array,
+  boxes: Array,
+  classes: Array,
+  matched_threshold: float = 0.5,
+  unmatched_threshold: float = 0.5,
+  chunk: int = 8,
+) -> Array:
+  """The matcher's decision per anchor, `[B, N]` int32: the matched box
+  index, -1 negative, -2 ignored (arguments as `assign`; boxes with their
+  corners in order). `tools/inspect_data` counts boxes no anchor got."""
   area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
   valid = (classes > 0) & (area > 0)
   best_val, best_row, best_col = _best_matches(anchors, boxes, valid, chunk)
-  matches = jax.vmap(
+  return jax.vmap(
     lambda v, r, c, ok: _matches(
       v, r, c, ok, matched_threshold, unmatched_threshold
     )
   )(best_val, best_row, best_col, valid)
-  return jax.vmap(lambda b, c, mt: _targets_one(anchors, b, c, mt))(
-    boxes, classes, matches
-  )

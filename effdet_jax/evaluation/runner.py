@@ -57,8 +57,10 @@ class Evaluator:
   """COCO evaluation of model variables; construct once, `run` often."""
 
   def __init__(self, config: Any, workdir: str | None = None):
-    from effdet_jax.data import checks, pipeline, sources  # noqa: PLC0415
+    from effdet_jax.data import checks, dataset_checks, pipeline  # noqa: PLC0415
 
+    # Before any compile: the eval split and the workdir's label map.
+    class_map, _ = dataset_checks.verify(config, workdir, ('eval',))
     self.config = config
     self.workdir = workdir
     e = config.eval
@@ -84,11 +86,15 @@ class Evaluator:
     self.host_batch = pipeline.host_batch_size(
       int(e.batch_size), jax.process_count()
     )
-    self.label_map = sources.label_map(config)
+    self.label_map = class_map.names
     path = annotations_path(config)
     self.coco = coco.COCOEvaluator(
       annotations=path or None,
       label_map=self.label_map,
+      # Results carry the dataset's category ids ('contiguous' ids).
+      class_to_category=None
+      if class_map.is_identity
+      else class_map.category_ids,
       backend=e.backend,
     )
     logging.info(

@@ -187,7 +187,9 @@ def _depthwise_shift_fwd(x, kernel, stride):
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
   out = _shifted_sum(xp, kernel.astype(x.dtype), (0, 0), size, stride)
-  return out.astype(x.dtype), (x, kernel)
+  # The padded input is the residual: it is written once anyway (fused with
+  # its producer), and saving x as well would write the input twice.
+  return out.astype(x.dtype), (xp, kernel, x.shape)
 
 
 def _depthwise_shift_bwd(stride, res, dy):
@@ -195,10 +197,10 @@ def _depthwise_shift_bwd(stride, res, dy):
   # full-size tensor and adds nine of them (~6x slower on XLA:CPU). The
   # input gradient is itself a depthwise conv of dy (zero-dilated by the
   # stride) with the flipped kernel, so it gets the same fused form.
-  x, kernel = res
+  xp, kernel, x_shape = res
   kh, kw, _ = kernel.shape
-  (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
-  h, w = x.shape[1:3]
+  (pt, _), (pl, _) = _pads(x_shape, kernel.shape, stride)
+  h, w = x_shape[1:3]
   s1 = stride - 1
   dyp = lax.pad(
     dy,
@@ -210,9 +212,8 @@ def _depthwise_shift_bwd(stride, res, dy):
   # Stride 1: sliding the small dy into xp's frame (a pad XLA fuses into the
   # reduction) is ~4x faster on XLA:CPU than slicing xp inside it; with a
   # stride the zero-dilated pad is slower than the strided slice.
-  pad_h, pad_w = _pads(x.shape, kernel.shape, stride)
-  acc = jnp.promote_types(x.dtype, jnp.float32)
-  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0))).astype(acc)
+  acc = jnp.promote_types(xp.dtype, jnp.float32)
+  xp = xp.astype(acc)
   dy_acc = dy.astype(acc)
   dk = []
   for i in range(kh):
@@ -238,7 +239,7 @@ def _depthwise_shift_bwd(stride, res, dy):
         )
         dk.append(jnp.sum(patch * dy_acc, axis=(0, 1, 2)))
   dk = jnp.stack(dk).reshape(kernel.shape)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dx.astype(dy.dtype), dk.astype(kernel.dtype)
 
 
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
@@ -301,6 +302,50 @@ class SeparableConv(nn.Module):
     return x
 
 
+class Conv(nn.Module):
+  """Dense (non-grouped) conv, TF SAME padding, f32 `kernel [k,k,in,out]`.
+
+  The parameters are `nn.Conv`'s (`kernel`, `bias`). A 1x1 stride-1 conv is
+  computed as a matrix product: XLA:CPU takes the kernel gradient of a
+  convolution through a slow generic path (profiled at ~10x a `dot` of the
+  same size), and most of EfficientNet's FLOPs are 1x1 convs.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = True
+  kernel_init: Initializer = glorot_uniform
+  bias_init: Initializer = nn.initializers.zeros
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param(
+      'kernel',
+      self.kernel_init,
+      (k, k, x.shape[-1], self.features),
+      jnp.float32,
+    )
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if k == 1 and self.stride == 1:
+      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+    else:
+      y = lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(self.stride, self.stride),
+        padding='SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
+    if self.use_bias:
+      b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+      y = y + b.astype(self.dtype)
+    return y
+
+
 def conv(
   features: int,
   kernel_size: int,
@@ -310,17 +355,15 @@ def conv(
   kernel_init: Initializer,
   dtype: Dtype,
   name: str,
-) -> nn.Conv:
-  """A dense (non-grouped) conv with TF SAME padding and f32 parameters."""
-  return nn.Conv(
+) -> Conv:
+  """A dense conv with TF SAME padding and f32 parameters."""
+  return Conv(
     features,
-    (kernel_size, kernel_size),
-    strides=(stride, stride),
-    padding='SAME',
+    kernel_size,
+    stride,
     use_bias=use_bias,
     kernel_init=kernel_init,
     dtype=dtype,
-    param_dtype=jnp.float32,
     name=name,
   )
 

@@ -6,7 +6,8 @@
 
 `--checkpoint` is a training workdir (its EMA weights) or a converter
 directory; the model config saved there is authoritative. `--config`, if
-given, supplies the class names (its data label map) and the NMS method.
+given, supplies the NMS method and, when the checkpoint has no
+`label_map.json` (a training workdir has), the class names.
 Writes `OUTPUT/detections.json` (COCO result dicts, `image_id` = the file
 name, or the frame number for a video) and one drawn PNG per image. A file
 that cannot be decoded is reported and skipped; the others are processed.
@@ -48,11 +49,16 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 VIDEO_EXTENSIONS = ('.gif', '.mp4', '.avi', '.mov', '.mkv', '.webm')
 
 
-def _label_map(config: Any, spec: str) -> dict[int, str]:
+def _label_map(config: Any, spec: str, checkpoint: str) -> dict[int, str]:
+  """--label_map, else the one a training run saved in its workdir (the
+  classes the model was trained on), else the config's data."""
   from effdet_jax.data import label_maps, sources  # noqa: PLC0415
 
   if spec:
     return label_maps.load(spec)
+  saved = label_maps.load_workdir(checkpoint)
+  if saved is not None:
+    return saved.names
   if config is None:
     return {}
   try:
@@ -210,7 +216,7 @@ def main(argv):
     loaded[0],
     loaded[1],
     loaded.config,
-    label_map=_label_map(config, _LABEL_MAP.value),
+    label_map=_label_map(config, _LABEL_MAP.value, _CHECKPOINT.value),
     max_boxes=_MAX_BOXES.value,
     nms_method=nms_method,
     batch_size=_BATCH.value,

@@ -17,10 +17,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 CHECKPOINT_DIR = 'checkpoints'
+
+
+def absolute(workdir: str) -> str:
+  """A local path made absolute; a URL (gs://...) as it is (orbax and
+  tensorstore open it)."""
+  return workdir if '://' in workdir else os.path.abspath(workdir)
 
 
 class Checkpointer:
@@ -35,7 +42,7 @@ class Checkpointer:
     keep_best: int = 1,
     async_save: bool = True,
   ):
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    self.directory = os.path.join(absolute(workdir), CHECKPOINT_DIR)
     self.best_metric = best_metric
     policies = [cm.LatestN(n=max(keep, 1))]
     if keep_best > 0 and best_metric:
@@ -109,24 +116,37 @@ class Checkpointer:
     self.manager.close()
 
 
-@jax.jit
-def _finite(leaves):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def _all_finite(tree: Any) -> bool:
-  leaves = [
-    x
-    for x in jax.tree.leaves(tree)
-    if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)
-  ]
-  return bool(_finite(leaves)) if leaves else True
+  """True when every float leaf is finite (checked on this host's shards).
+
+  On the host with numpy: an eager or jitted check over a D0 state's ~2,300
+  leaves compiles for tens of seconds, a host scan of its 17M values takes
+  tens of milliseconds. Replicated leaves read one local copy.
+  """
+  for x in jax.tree.leaves(tree):
+    if not (hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.floating)):
+      continue
+    shards = getattr(x, 'addressable_shards', None)
+    if shards:
+      seen = set()
+      datas = []
+      for sh in shards:
+        key = str(sh.index)
+        if key not in seen:
+          seen.add(key)
+          datas.append(sh.data)
+    else:
+      datas = [x]
+    for d in jax.device_get(datas):
+      if not np.isfinite(np.asarray(d, np.float32)).all():
+        return False
+  return True
 
 
 def restore_variables(workdir: str, abstract_variables: Any, step=None) -> Any:
   """EMA model variables of a training workdir (latest step by default)."""
   manager = ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+    os.path.join(absolute(workdir), CHECKPOINT_DIR),
     item_names=('state', 'variables'),
     options=ocp.CheckpointManagerOptions(read_only=True, create=False),
   )

@@ -60,12 +60,11 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
   """TensorBoard + logging + metrics.jsonl on process 0; logging elsewhere."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter(
-    [
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(workdir),
-    ]
-  )
+  writers = [metric_writers.create_default_writer(workdir, asynchronous=False)]
+  # Object stores (gs://) cannot append: TensorBoard events only there.
+  if '://' not in workdir:
+    writers.append(JsonlWriter(workdir))
+  return metric_writers.MultiWriter(writers)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:

@@ -9,8 +9,9 @@
 * EMA of trainables **and** BN moving statistics (TF1), decay
   min(decay, (1 + n) / (10 + n)) with n the step count after the update
   (TF1 reads global_step after the optimizer incremented it).
-* Freezing by regex over `/`-joined parameter paths: frozen leaves get no
-  update and no weight decay.
+* Freezing by a bool mask (the trainer builds it from `train.freeze` on
+  official names, train/freeze.py): frozen leaves get no update, no weight
+  decay and no part in clipping.
 """
 
 from __future__ import annotations

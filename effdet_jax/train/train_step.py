@@ -28,13 +28,26 @@ def make_train_step(
   tx: optax.GradientTransformation,
   lr_fn: Callable[[Any], Any],
   wd_mask: Any,
+  frozen: Any = None,
+  frozen_stats: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """Builds `train_step(state, batch) -> (state, metrics)`."""
+  """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  `frozen` (bool tree like params, `train.freeze`): those parameters get
+  `stop_gradient`, so no backward pass runs through a frozen trunk (their
+  update is zero anyway, see `optimizer.make_optimizer`). `frozen_stats`
+  (bool tree like batch_stats, `train.freeze_bn_stats`): those moving
+  statistics keep their values.
+  """
   t = config.train
   loss_kw = losses.loss_kwargs(config)
   anchors = jnp.asarray(anchors, jnp.float32)
 
   def loss_fn(params, batch_stats, batch, rng):
+    if frozen is not None:
+      params = jax.tree.map(
+        lambda w, f: jax.lax.stop_gradient(w) if f else w, params, frozen
+      )
     variables = {'params': params, 'batch_stats': batch_stats}
     (cls, box), new_vars = model.apply(
       variables,
@@ -64,6 +77,13 @@ def make_train_step(
       state.params, state.batch_stats, batch, rng
     )
     grad_norm = optax.global_norm(grads)
+    if frozen_stats is not None:
+      new_bs = jax.tree.map(
+        lambda old, new, f: old if f else new,
+        state.batch_stats,
+        new_bs,
+        frozen_stats,
+      )
     accum, new_opt = tx.update(grads, state.opt_state, state.params)
     lr = lr_fn(state.step)
     new_params = jax.tree.map(lambda w, a: w - lr * a, state.params, accum)

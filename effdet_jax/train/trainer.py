@@ -1,9 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training loop.
 
 Resume order (STYLE 11): the workdir's own checkpoint -> `init_from`
-(pretrained issue) -> scratch. The data position is derived from the
-restored step, and per-step randomness from (seed, step), so a resumed run
-is bitwise equal to an uninterrupted one on CPU.
+(pretrained weights, train/init_from.py) -> scratch. The data position is
+derived from the restored step, and per-step randomness from (seed, step),
+so a resumed run is bitwise equal to an uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -20,12 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 
 from effdet_jax import api
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.train import (
   checkpoint,
+  freeze,
+  init_from,
   metrics,
   optimizer,
   partitioning,
@@ -89,11 +91,14 @@ def write_config(config: Any, workdir: str) -> None:
   """The resolved run config (+ the model section `effdet_jax.load` reads)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(workdir, api.MODEL_CONFIG_FILE), 'w') as f:
-    json.dump(config.model.to_dict(), f, indent=2, sort_keys=True)
+  out = epath.Path(workdir)  # a local path or gs://
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'config.json').write_text(
+    config.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  (out / api.MODEL_CONFIG_FILE).write_text(
+    json.dumps(config.model.to_dict(), indent=2, sort_keys=True)
+  )
 
 
 class Trainer:
@@ -111,7 +116,13 @@ class Trainer:
     abstract_vars = jax.eval_shape(
       functools.partial(api.init_variables, self.model)
     )
-    frozen = optimizer.mask_by_regex(abstract_vars['params'], t.freeze)
+    # Official var_freeze_expr over official names (train/freeze.py).
+    frozen, frozen_stats = freeze.masks(
+      abstract_vars, t.freeze, config.model.backbone_name
+    )
+    freeze_stats = bool(t.get('freeze_bn_stats', False))
+    if t.freeze:
+      freeze.log_counts(abstract_vars['params'], frozen, t.freeze, freeze_stats)
     wd_mask = jax.tree.map(
       lambda k, f: k and not f,
       optimizer.decay_mask(abstract_vars['params']),
@@ -128,8 +139,16 @@ class Trainer:
     )
     self._init = jax.jit(init, out_shardings=self.state_shardings)
     self._rng = rng
+    self.init_fn = functools.partial(init, rng)  # unjitted, for init_from
     self._step = make_train_step(
-      self.model, config, self.anchors, self.tx, self.lr_fn, wd_mask
+      self.model,
+      config,
+      self.anchors,
+      self.tx,
+      self.lr_fn,
+      wd_mask,
+      frozen=frozen if t.freeze else None,
+      frozen_stats=frozen_stats if t.freeze and freeze_stats else None,
     )
     self._jitted = {}
 
@@ -193,6 +212,10 @@ def train_and_evaluate(
       configured input pipeline (given the start step).
   """
   t = config.train
+  from effdet_jax.data import dataset_checks  # noqa: PLC0415 - imports tf
+
+  # Before any compile: data that cannot fit the config stops the run here.
+  dataset_checks.prepare_training(config, workdir)
   write_config(config, workdir)
   trainer = Trainer(config, workdir)
   ckpt = checkpoint.Checkpointer(
@@ -203,11 +226,12 @@ def train_and_evaluate(
     config.checkpoint.keep_best,
   )
   state = ckpt.restore(trainer.abstract_with_shardings())
-  if state is None:
-    state = trainer.fresh_state()
-    logging.info('training from scratch')
+  if state is None:  # no checkpoint of its own: init_from, else scratch
+    state = init_from.initial_state(trainer, config, workdir)
   else:
     logging.info('resumed from step %d', int(state.step))
+    if config.get('init_from') and config.init_from.path:
+      logging.info('init_from ignored: the workdir has its own checkpoint')
   start = int(state.step)
   total = trainer.steps.total
   writer = metrics.create_writer(workdir)
