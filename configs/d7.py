@@ -8,4 +8,8 @@ from configs import base
 
 def get_config(arg: str | None = None):
   del arg
-  return base.get_config('efficientdet-d7')
+  config = base.get_config('efficientdet-d7')
+  # The official large-model recipe: bf16 compute, recomputed activations.
+  config.model.dtype = 'bfloat16'
+  config.train.remat = True
+  return config

@@ -98,7 +98,9 @@ def _report(config, workdir: str) -> None:
     keys = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'ARmax100')
     print(f'COCO metrics ({last}):')
     print('  ' + '  '.join(f'{k} {m[k]:.3f}' for k in keys if k in m))
-  if config.eval.draw_predictions > 0:
+  # Drawing opens the checkpoint through orbax, which synchronises all
+  # processes: only a single-process run can do it from process 0 alone.
+  if config.eval.draw_predictions > 0 and jax.process_count() == 1:
     from effdet_jax.tools import draw_predictions  # noqa: PLC0415
 
     out = draw_predictions.draw_eval_predictions(
