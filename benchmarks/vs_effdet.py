@@ -36,7 +36,7 @@ def _ours(workload: str, size: int):
   config.model.image_size = (size, size)
   batch = 1 if workload == 'fwd1' else 8
   mode = 'train' if workload == 'train8' else 'forward'
-  _, call = bm._prepare(config, mode, batch)  # noqa: SLF001
+  _, call, _ = bm._prepare(config, mode, batch)  # noqa: SLF001
   return call, lambda out: jax.block_until_ready(out)
 
 

@@ -151,7 +151,8 @@ def test_two_process_cli_sigterm_and_resume(tmp_path):
   saved = max(
     int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()
   )
-  assert saved == _logged_steps(tmp_path)[-1] >= 2
+  # The step being logged when the signal came may finish before the save.
+  assert saved >= _logged_steps(tmp_path)[-1] >= 2
   # Restart with a learning rate of 0 for one more step: the parameters of
   # that step are the restored ones, bit for bit.
   port = _free_port()
