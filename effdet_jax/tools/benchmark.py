@@ -35,19 +35,34 @@ from effdet_jax import api, inference
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.tools import flops as flops_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', 'configs/d0.py', 'Run config.', lock_config=True
-)
-_MODE = flags.DEFINE_enum('mode', 'forward', ['forward', 'train', 'e2e'], '')
-_BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per call.')
-_DTYPE = flags.DEFINE_enum(
-  'dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: config).'
-)
-_REMAT = flags.DEFINE_bool('remat', None, 'train: remat (default: config).')
-_FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], '')
-_MIN_ITERS = flags.DEFINE_integer('min_iters', 5, 'Timed calls, at least.')
-_MIN_TIME = flags.DEFINE_float('min_time_s', 10.0, 'Timed seconds, at least.')
-_PEAK = flags.DEFINE_bool('measure_peak', True, 'Measure f32 matmul peak.')
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: absl flags are
+  process-global, and importing two tools that both define --config
+  (a notebook, a test process) must not fail."""
+  global \
+    _CONFIG, \
+    _MODE, \
+    _BATCH, \
+    _DTYPE, \
+    _REMAT, \
+    _FORMAT, \
+    _MIN_ITERS, \
+    _MIN_TIME, \
+    _PEAK
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/d0.py', 'Run config.', lock_config=True
+  )
+  _MODE = flags.DEFINE_enum('mode', 'forward', ['forward', 'train', 'e2e'], '')
+  _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per call.')
+  _DTYPE = flags.DEFINE_enum(
+    'dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: config).'
+  )
+  _REMAT = flags.DEFINE_bool('remat', None, 'train: remat (default: config).')
+  _FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], '')
+  _MIN_ITERS = flags.DEFINE_integer('min_iters', 5, 'Timed calls, at least.')
+  _MIN_TIME = flags.DEFINE_float('min_time_s', 10.0, 'Timed seconds, at least.')
+  _PEAK = flags.DEFINE_bool('measure_peak', True, 'Measure f32 matmul peak.')
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -248,4 +263,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

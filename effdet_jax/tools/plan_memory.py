@@ -49,26 +49,42 @@ _TPU = {
   'v5p': (1, 3, 'megacore'),
 }
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Run config file (configs/*.py).', lock_config=True
-)
-_MESH = flags.DEFINE_string(
-  'mesh', 'data:1,spatial:1', 'Mesh sizes, e.g. data:4,spatial:2.'
-)
-_PER_DEVICE_BATCH = flags.DEFINE_integer(
-  'per_device_batch', 1, 'Images per data shard (global = this x data).'
-)
-_REMAT = flags.DEFINE_bool('remat', None, 'Overrides train.remat.')
-_TARGET = flags.DEFINE_enum(
-  'target', 'auto', ['auto', 'tpu', 'cpu'], 'Compiler to ask (see doc).'
-)
-_TPU_GEN = flags.DEFINE_enum(
-  'tpu', 'v3', sorted(_TPU), 'TPU generation of the compile-only topology.'
-)
-_HEADROOM = flags.DEFINE_float(
-  'headroom', 0.95, 'Usable fraction of device memory for the verdict.'
-)
-_FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output.')
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program: absl flags are
+  process-global, and importing two tools that both define --config
+  (a notebook, a test process) must not fail."""
+  global \
+    _CONFIG, \
+    _MESH, \
+    _PER_DEVICE_BATCH, \
+    _REMAT, \
+    _TARGET, \
+    _TPU_GEN, \
+    _HEADROOM, \
+    _FORMAT
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Run config file (configs/*.py).', lock_config=True
+  )
+  _MESH = flags.DEFINE_string(
+    'mesh', 'data:1,spatial:1', 'Mesh sizes, e.g. data:4,spatial:2.'
+  )
+  _PER_DEVICE_BATCH = flags.DEFINE_integer(
+    'per_device_batch', 1, 'Images per data shard (global = this x data).'
+  )
+  _REMAT = flags.DEFINE_bool('remat', None, 'Overrides train.remat.')
+  _TARGET = flags.DEFINE_enum(
+    'target', 'auto', ['auto', 'tpu', 'cpu'], 'Compiler to ask (see doc).'
+  )
+  _TPU_GEN = flags.DEFINE_enum(
+    'tpu', 'v3', sorted(_TPU), 'TPU generation of the compile-only topology.'
+  )
+  _HEADROOM = flags.DEFINE_float(
+    'headroom', 0.95, 'Usable fraction of device memory for the verdict.'
+  )
+  _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output.')
+
+
 flags.mark_flags_as_required(['config'])
 
 
@@ -311,4 +327,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
