@@ -83,9 +83,7 @@ def _define_flags() -> None:
     'headroom', 0.95, 'Usable fraction of device memory for the verdict.'
   )
   _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output.')
-
-
-flags.mark_flags_as_required(['config'])
+  flags.mark_flags_as_required(['config'])
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
