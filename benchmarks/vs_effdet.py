@@ -62,7 +62,8 @@ def _effdet(workload: str, size: int, compiled: bool):
   bench = effdet.DetBenchTrain(net, create_labeler=True)
   bench.train()
   opt = torch.optim.SGD(bench.parameters(), lr=0.01, momentum=0.9)
-  b = _random_targets(batch, size)
+  # The same random boxes as our train workload (tools.benchmark).
+  b = bm._random_batch(batch, (size, size), 90)  # noqa: SLF001
   target = {
     'bbox': torch.from_numpy(b['boxes']),
     'cls': torch.from_numpy(b['classes']).float(),
@@ -77,16 +78,6 @@ def _effdet(workload: str, size: int, compiled: bool):
     return loss
 
   return step, lambda out: None
-
-
-def _random_targets(batch, size):
-  rng = np.random.default_rng(0)
-  boxes = np.zeros((batch, 100, 4), np.float32)
-  classes = -np.ones((batch, 100), np.float32)
-  yx = rng.uniform(0, size * 0.7, (batch, 8, 2))
-  boxes[:, :8] = np.concatenate([yx, yx + size * 0.25], -1)
-  classes[:, :8] = rng.integers(1, 91, (batch, 8))
-  return {'boxes': boxes, 'classes': classes}
 
 
 def _time(call, sync, n):
