@@ -8,16 +8,24 @@ one training step at batch 8 (forward, target assignment, focal + box loss,
 backward, SGD with momentum; ours also clips and updates the EMA, as our
 trainer always does). effdet runs its `tf_efficientdet_d0` (the TF-ported
 weights layout, same architecture) through `DetBenchTrain`, eager and, for
-the forward, `torch.compile` (inductor). The implementations are run
-interleaved, `--rounds` times each, so a machine-load change hits all of
-them; each round times several calls and the table shows the median of
-all calls and the ratio to effdet eager.
+the forward, `torch.compile` (inductor). Each implementation runs in its
+own process, the processes alternating `--rounds` times, so a change of
+machine load hits all of them; each round times several calls and the
+table shows the median of all calls and the ratio to effdet eager. The
+parent re-executes itself with `effdet_jax.malloc_tuning`'s glibc
+tunables (as `effdet_jax.main` does), and the workers inherit them: both
+implementations run under the same allocator settings
+(`EFFDET_TUNE_MALLOC=0` compares under glibc's defaults).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +33,13 @@ import jax
 import numpy as np
 
 from configs import base
+from effdet_jax import malloc_tuning
 from effdet_jax.tools import benchmark as bm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
 import torch_ref  # noqa: E402  (test-only torchvision shim for effdet)
+
+_CACHE = os.path.join(tempfile.gettempdir(), 'effdet_jax_vs_effdet_cache')
 
 
 def _ours(workload: str, size: int):
@@ -89,6 +100,53 @@ def _time(call, sync, n):
   return out
 
 
+IMPLS = ('effdet_jax', 'effdet eager', 'effdet torch.compile')
+_NAMES = {'fwd1': 'forward b1', 'fwd8': 'forward b8', 'train8': 'train b8'}
+_MARK = 'VS_EFFDET_TIMES '
+
+
+def _worker(impl: str, workloads: list[str], size: int, calls: int) -> None:
+  """One implementation in this process: warm up, time, print JSON."""
+  import torch
+
+  torch.set_num_threads(_cores())
+  if impl == 'effdet_jax':
+    # Later rounds reuse the XLA executables instead of recompiling.
+    jax.config.update('jax_compilation_cache_dir', _CACHE)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  times = {}
+  for w in workloads:
+    if impl == 'effdet_jax':
+      call, sync = _ours(w, size)
+    else:
+      call, sync = _effdet(w, size, impl == 'effdet torch.compile')
+    try:
+      sync(call())
+      sync(call())
+    except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler
+      print(f'{impl} {w} failed: {e!r:.200}', file=sys.stderr)
+      continue
+    times[w] = _time(call, sync, calls)
+  print(_MARK + json.dumps(times), flush=True)
+
+
+def _run_worker(impl, workloads, a) -> dict[str, list[float]]:
+  cmd = [
+    sys.executable,
+    __file__,
+    f'--worker={impl}',
+    f'--workloads={",".join(workloads)}',
+    f'--size={a.size}',
+    f'--calls={a.calls}',
+  ]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith(_MARK):
+      return json.loads(line[len(_MARK) :])
+  print(f'{impl} failed:\n{out.stderr[-2000:]}', file=sys.stderr)
+  return {}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--size', type=int, default=512)
@@ -96,50 +154,49 @@ def main():
   p.add_argument('--calls', type=int, default=3, help='timed calls per round')
   p.add_argument('--torch_compile', default='true')
   p.add_argument('--workloads', default='fwd1,fwd8,train8')
+  p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
-  import torch
-
-  torch.set_num_threads(_cores())
-  rows = []
-  for w in a.workloads.split(','):
-    impls = {
-      'effdet_jax': _ours(w, a.size),
-      'effdet eager': _effdet(w, a.size, False),
-    }
-    if a.torch_compile == 'true' and w != 'train8':
-      impls['effdet torch.compile'] = _effdet(w, a.size, True)
-    for k, (call, sync) in list(impls.items()):  # warm-up (compiles)
-      try:
-        sync(call())
-        sync(call())
-      except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler
-        print(f'{k} failed: {e!r:.200}', file=sys.stderr)
-        del impls[k]
-    times = {k: [] for k in impls}
-    for _ in range(a.rounds):
-      for k, (call, sync) in impls.items():
-        times[k] += _time(call, sync, a.calls)
-    batch = 1 if w == 'fwd1' else 8
-    ref = float(np.median(times['effdet eager']))
-    for k, ts in times.items():
-      med = float(np.median(ts))
-      rows.append((w, k, med * 1e3, batch / med, ref / med))
-    print(f'done {w}', file=sys.stderr, flush=True)
+  workloads = a.workloads.split(',')
+  if a.worker:
+    _worker(a.worker, workloads, a.size, a.calls)
+    return
+  # Each implementation runs in its own process (same environment, the
+  # same malloc tunables), so one's heap and thread pools cannot slow the
+  # other; the processes alternate, `rounds` times, so a change of machine
+  # load hits all of them.
+  impls = list(IMPLS if a.torch_compile == 'true' else IMPLS[:2])
+  times: dict[tuple[str, str], list[float]] = {}
+  for r in range(a.rounds):
+    for impl in impls:
+      wl = [w for w in workloads if impl != IMPLS[2] or w != 'train8']
+      for w, ts in _run_worker(impl, wl, a).items():
+        times.setdefault((w, impl), []).extend(ts)
+    print(f'round {r + 1}/{a.rounds} done', file=sys.stderr, flush=True)
   print(f'machine: {_cores()} CPU threads, {jax.devices()[0].device_kind}')
+  print(f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")}')
   print(
     '| workload | implementation | median ms | images/s | vs effdet eager |'
   )
   print('|---|---|---|---|---|')
-  names = {'fwd1': 'forward b1', 'fwd8': 'forward b8', 'train8': 'train b8'}
-  for w, k, ms, ips, ratio in rows:
-    print(f'| {names[w]} | {k} | {ms:.0f} | {ips:.2f} | {ratio:.2f}x |')
+  for w in workloads:
+    batch = 1 if w == 'fwd1' else 8
+    ref = times.get((w, IMPLS[1]))
+    for impl in impls:
+      ts = times.get((w, impl))
+      if not ts:
+        continue
+      med = float(np.median(ts))
+      ratio = f'{float(np.median(ref)) / med:.2f}x' if ref else 'n/a'
+      print(
+        f'| {_NAMES[w]} | {impl} | {med * 1e3:.0f} | {batch / med:.2f} |'
+        f' {ratio} |'
+      )
 
 
 def _cores() -> int:
-  import os
-
   return len(os.sched_getaffinity(0))
 
 
 if __name__ == '__main__':
+  malloc_tuning.reexec_if_untuned()
   main()

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import compilation_cache
+from effdet_jax import compilation_cache, malloc_tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Run config file (configs/*.py).', lock_config=True
@@ -110,4 +110,5 @@ def _report(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
+  malloc_tuning.reexec_if_untuned()
   app.run(main)

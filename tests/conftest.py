@@ -7,6 +7,14 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
+# Subprocesses (xdist workers, the CLI runs tests start) inherit the glibc
+# malloc tunables that `python -m effdet_jax.main` re-executes itself with:
+# XLA:CPU steps run ~1.5x faster without per-step mmap/munmap page faults.
+from effdet_jax import malloc_tuning  # noqa: E402
+
+if malloc_tuning.applies():
+  os.environ.update(malloc_tuning.tuned_env())
+
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

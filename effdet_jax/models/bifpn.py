@@ -139,10 +139,8 @@ class OpAfterCombine(nn.Module):
         dtype=self.dtype,
         name='conv',
       )(x)
-    x = layers.batch_norm(train, self.dtype, 'bn')(x)
-    if self.conv_bn_act_pattern:
-      x = self.act(x)
-    return x
+    act = self.act if self.conv_bn_act_pattern else None
+    return layers.batch_norm(train, self.dtype, 'bn', act)(x)
 
 
 def _add_n(xs: Sequence[Array]) -> Array:

@@ -172,12 +172,14 @@ class MBConvBlock(nn.Module):
       dtype=self.dtype,
       name=name,
     )
-    bn = lambda: layers.batch_norm(train, self.dtype, next(bn_names))
+    bn = lambda act=None: layers.batch_norm(
+      train, self.dtype, next(bn_names), act
+    )
 
     x = inputs
     if a.expand_ratio != 1:
       x = conv(inputs.shape[-1] * a.expand_ratio, next(conv_names))(x)
-      x = self.act(bn()(x))
+      x = bn(self.act)(x)
     x = layers.DepthwiseConv(
       a.kernel_size,
       a.stride,
@@ -185,7 +187,7 @@ class MBConvBlock(nn.Module):
       impl=self.depthwise_impl,
       name='depthwise_conv2d',
     )(x)
-    x = self.act(bn()(x))
+    x = bn(self.act)(x)
     if a.se_ratio is not None and 0 < a.se_ratio <= 1:
       x = SqueezeExcite(
         max(1, int(a.input_filters * a.se_ratio)),
@@ -287,9 +289,9 @@ class _Stem(nn.Module):
       dtype=self.dtype,
       name='conv2d',
     )(x)
-    return self.act(
-      layers.batch_norm(train, self.dtype, 'tpu_batch_normalization')(x)
-    )
+    return layers.batch_norm(
+      train, self.dtype, 'tpu_batch_normalization', self.act
+    )(x)
 
 
 def endpoint_channels(spec: BackboneSpec) -> Sequence[int]:

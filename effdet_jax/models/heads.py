@@ -60,9 +60,8 @@ class HeadNet(nn.Module):
         skip = x
         x = convs[i](x)
         x = layers.batch_norm(
-          train, self.dtype, f'{self.prefix}-{i}-bn-{level}'
+          train, self.dtype, f'{self.prefix}-{i}-bn-{level}', act
         )(x)
-        x = act(x)
         if i > 0 and self.survival_prob:
           rng = self.make_rng('dropout') if train else None
           x = layers.drop_connect(x, self.survival_prob, rng) + skip

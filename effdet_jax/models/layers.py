@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from effdet_jax.models.batch_norm import BatchNorm
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -30,14 +32,23 @@ BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 
 
-def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
-  """Keras-equivalent BatchNorm: f32 parameters and statistics."""
-  return nn.BatchNorm(
+def batch_norm(
+  train: bool,
+  dtype: Dtype,
+  name: str,
+  act: Callable[[Array], Array] | None = None,
+) -> BatchNorm:
+  """Keras-equivalent BatchNorm (f32 parameters and statistics), then `act`.
+
+  Passing the activation that follows the BN here (instead of applying
+  it to the output) fuses it into the BN's gradient (`batch_norm.py`).
+  """
+  return BatchNorm(
     use_running_average=not train,
     momentum=BN_MOMENTUM,
     epsilon=BN_EPSILON,
     dtype=dtype,
-    param_dtype=jnp.float32,
+    act=act,
     name=name,
   )
 

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api, inference
+from effdet_jax import api, inference, malloc_tuning
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.tools import flops as flops_lib
 
@@ -263,5 +263,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  malloc_tuning.reexec_if_untuned()
   _define_flags()
   app.run(main)
