@@ -39,6 +39,27 @@ def test_depthwise_gradients_agree(stride):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('size', [(9, 9), (8, 8), (7, 10), (1, 2)])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_im2col_conv_equals_tf_conv_and_its_gradient(size, stride):
+  """The stem's CPU form (patches x kernel) is TF's SAME conv, with the
+  same kernel gradient as XLA's convolution."""
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, *size, 3)).astype(np.float32)
+  k = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
+  ref = tf.nn.conv2d(x, k, [1, stride, stride, 1], 'SAME').numpy()
+  np.testing.assert_allclose(
+    layers.conv_im2col(x, k, stride), ref, rtol=1e-5, atol=1e-5
+  )
+  w = rng.standard_normal(ref.shape).astype(np.float32)
+  lax_conv = lambda k: jax.lax.conv_general_dilated(
+    x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  g_ref = jax.grad(lambda k: jnp.sum(lax_conv(k) * w))(k)
+  g = jax.grad(lambda k: jnp.sum(layers.conv_im2col(x, k, stride) * w))(k)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_tf_same_padding_is_asymmetric():
   # Fact §2.11: extra padding goes bottom/right for stride-2 layers.
   assert layers.same_padding(8, 3, 2) == (0, 1)
