@@ -249,7 +249,9 @@ class EfficientNet(nn.Module):
     act = layers.activation(self.act_type)
     spec = self.spec
     x = x.astype(self.dtype)
-    x = _Stem(spec.stem_filters, act, self.dtype, name='stem')(x, train)
+    x = _Stem(
+      spec.stem_filters, act, self.dtype, self.depthwise_impl, name='stem'
+    )(x, train)
     endpoints = []
     n = len(spec.blocks)
     drop_rate = 1.0 - spec.survival_prob
@@ -277,6 +279,7 @@ class _Stem(nn.Module):
   filters: int
   act: Any
   dtype: Any = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -288,6 +291,7 @@ class _Stem(nn.Module):
       kernel_init=layers.backbone_conv_init,
       dtype=self.dtype,
       name='conv2d',
+      impl=self.impl,
     )(x)
     return layers.batch_norm(
       train, self.dtype, 'tpu_batch_normalization', self.act

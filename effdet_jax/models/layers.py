@@ -364,6 +364,7 @@ class Conv(nn.Module):
   kernel_init: Initializer = glorot_uniform
   bias_init: Initializer = nn.initializers.zeros
   dtype: Dtype = jnp.float32
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -378,7 +379,7 @@ class Conv(nn.Module):
     kernel = kernel.astype(self.dtype)
     if k == 1 and self.stride == 1:
       y = pointwise(x, kernel[0, 0])
-    elif _use_im2col(k, x.shape[-1]):
+    elif _use_im2col(k, x.shape[-1], self.impl):
       y = conv_im2col(x, kernel, self.stride)
     else:
       y = lax.conv_general_dilated(
@@ -400,9 +401,18 @@ class Conv(nn.Module):
 _IM2COL_MAX_WIDTH = 64
 
 
-def _use_im2col(kernel_size: int, in_channels: int) -> bool:
+def _use_im2col(kernel_size: int, in_channels: int, impl: str) -> bool:
+  """im2col for narrow convs where the depthwise form is 'shift' (CPU).
+
+  `impl` follows the model's `depthwise_impl`: 'lax' (what TPUs and GPUs
+  run, and what `plan_memory` compiles) keeps XLA's convolution, whose
+  H split GSPMD keeps; im2col's stride-2 view of an odd padded height
+  made it gather the whole image on a `spatial` mesh.
+  """
+  if impl == 'auto':
+    impl = _default_depthwise_impl()
   return (
-    jax.default_backend() == 'cpu'
+    impl == 'shift'
     and kernel_size * kernel_size * in_channels <= _IM2COL_MAX_WIDTH
   )
 
@@ -419,9 +429,7 @@ def conv_im2col(x: Array, kernel: Array, stride: int) -> Array:
   pad_w = (pad_w[0], pad_w[1] + (-(x.shape[2] + sum(pad_w))) % stride)
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
-  taps = [
-    _tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)
-  ]
+  taps = [_tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(taps, axis=-1)
   return pointwise(patches, kernel.reshape(kh * kw * cin, cout))
 
@@ -435,6 +443,7 @@ def conv(
   kernel_init: Initializer,
   dtype: Dtype,
   name: str,
+  impl: str = 'auto',
 ) -> Conv:
   """A dense conv with TF SAME padding and f32 parameters."""
   return Conv(
@@ -444,6 +453,7 @@ def conv(
     use_bias=use_bias,
     kernel_init=kernel_init,
     dtype=dtype,
+    impl=impl,
     name=name,
   )
 
