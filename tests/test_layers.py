@@ -112,3 +112,29 @@ def test_activations():
   )
   with pytest.raises(ValueError, match='valid'):
     layers.activation('gelu_typo')
+
+
+def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
+  """On a `spatial` mesh the stem must not gather the image: XLA's conv
+  keeps the H split (the 'lax' form, what TPUs run and plan_memory
+  compiles), while the CPU im2col form's stride-2 view of an odd padded
+  height (64 + 1 + 1 = 66 rows -> 33 x 2) makes GSPMD gather it."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+  mesh = jax.make_mesh(
+    (2,), ('spatial',), axis_types=(AxisType.Auto,), devices=jax.devices()[:2]
+  )
+  x = jax.ShapeDtypeStruct(
+    (1, 64, 64, 3),
+    jnp.float32,
+    sharding=NamedSharding(mesh, PartitionSpec(None, 'spatial')),
+  )
+
+  def hlo(impl):
+    conv = layers.Conv(8, 3, 2, use_bias=False, impl=impl)
+    variables = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    fn = jax.jit(lambda v, x: conv.apply(v, x))
+    return fn.lower(variables, x).compile().as_text()
+
+  assert 'all-gather' not in hlo('lax')
+  assert 'all-gather' in hlo('shift')
