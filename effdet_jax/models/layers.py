@@ -201,6 +201,20 @@ def _pads(x_shape, kernel_shape, stride):
   return same_padding(h, kh, stride), same_padding(w, kw, stride)
 
 
+def _pad_for_taps(x, kernel_shape, stride):
+  """(TF-SAME padded x, output size) for `_tap` windows of `x`.
+
+  Extra zero rows/cols (never read) make the padded dims multiples of
+  the stride, for the reshaped view of `_tap`.
+  """
+  pad_h, pad_w = _pads(x.shape, kernel_shape, stride)
+  pad_h = (pad_h[0], pad_h[1] + (-(x.shape[1] + sum(pad_h))) % stride)
+  pad_w = (pad_w[0], pad_w[1] + (-(x.shape[2] + sum(pad_w))) % stride)
+  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  return xp, size
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _depthwise_shift(x: Array, kernel: Array, stride: int) -> Array:
   """Depthwise conv as shifted multiply-adds; kernel `[kh, kw, C]`."""
@@ -208,13 +222,7 @@ def _depthwise_shift(x: Array, kernel: Array, stride: int) -> Array:
 
 
 def _depthwise_shift_fwd(x, kernel, stride):
-  pad_h, pad_w = _pads(x.shape, kernel.shape, stride)
-  # Extra zero rows/cols (never read) make the padded dims multiples of
-  # the stride, for the reshaped view of `_tap`.
-  pad_h = (pad_h[0], pad_h[1] + (-(x.shape[1] + sum(pad_h))) % stride)
-  pad_w = (pad_w[0], pad_w[1] + (-(x.shape[2] + sum(pad_w))) % stride)
-  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-  size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  xp, size = _pad_for_taps(x, kernel.shape, stride)
   out = _shifted_sum(xp, kernel.astype(x.dtype), (0, 0), size, stride)
   # The padded input is the residual: it is written once anyway (fused with
   # its producer), and saving x as well would write the input twice.
@@ -424,11 +432,7 @@ def conv_im2col(x: Array, kernel: Array, stride: int) -> Array:
   concatenated tap-major, channel-minor: the order of `kernel.reshape`.
   """
   kh, kw, cin, cout = kernel.shape
-  pad_h, pad_w = _pads(x.shape, kernel.shape, stride)
-  pad_h = (pad_h[0], pad_h[1] + (-(x.shape[1] + sum(pad_h))) % stride)
-  pad_w = (pad_w[0], pad_w[1] + (-(x.shape[2] + sum(pad_w))) % stride)
-  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
-  size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  xp, size = _pad_for_taps(x, kernel.shape, stride)
   taps = [_tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(taps, axis=-1)
   return pointwise(patches, kernel.reshape(kh * kw * cin, cout))
