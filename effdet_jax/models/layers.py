@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from effdet_jax.kernels import native_depthwise
 from effdet_jax.models.batch_norm import BatchNorm
 
 Array = jax.Array
@@ -108,11 +109,20 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _default_depthwise_impl() -> str:
-  # XLA:CPU lowers grouped convolutions to a slow generic loop; as k*k shifted
-  # multiply-adds it fuses into one vectorised loop (~6x faster forward and
-  # backward, see benchmarks/depthwise.py). GPUs/TPUs have good grouped convs.
-  return 'shift' if jax.default_backend() == 'cpu' else 'lax'
+def _default_depthwise_impl(
+  dtype=jnp.float32, k: int = 3, stride: int = 1
+) -> str:
+  # XLA:CPU lowers grouped convolutions to a slow generic loop. The compiled
+  # kernels (effdet_jax/kernels) are fastest there; where they do not apply
+  # (bf16, no C++ compiler, several devices: a custom call has no sharding
+  # rule) the k*k shifted multiply-adds fuse into one vectorised loop (~6x
+  # faster than XLA's, see benchmarks/depthwise.py). GPUs/TPUs have good
+  # grouped convs.
+  if jax.default_backend() != 'cpu':
+    return 'lax'
+  if jax.device_count() == 1 and native_depthwise.supports(dtype, k, stride):
+    return 'native'
+  return 'shift'
 
 
 def depthwise_conv(
@@ -125,8 +135,9 @@ def depthwise_conv(
     kernel: `[kh, kw, C, 1]` (TF depthwise layout, depth multiplier 1).
     stride: the same stride for H and W.
     impl: 'shift' (k*k fused shifted multiply-adds), 'lax' (XLA grouped
-      convolution) or 'auto' (shift on CPU, lax elsewhere). Both compute the
-      same function; they differ in speed only.
+      convolution), 'native' (compiled XLA:CPU custom call, f32) or 'auto'
+      (native or shift on CPU, lax elsewhere). All compute the same
+      function; they differ in speed only.
 
   Returns:
     `[B, ceil(H / stride), ceil(W / stride), C]`.
@@ -137,8 +148,19 @@ def depthwise_conv(
       f'depthwise kernel {kernel.shape} does not fit input {x.shape}'
     )
   if impl == 'auto':
-    impl = _default_depthwise_impl()
+    impl = _default_depthwise_impl(x.dtype, kh, stride)
   kernel = kernel.astype(x.dtype)
+  if impl == 'native':
+    if kh != kw or not native_depthwise.supports(x.dtype, kh, stride):
+      raise ValueError(
+        f'native depthwise kernel cannot run {x.dtype} k={kh} s={stride} '
+        f'on {jax.default_backend()}'
+      )
+    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
+    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    return native_depthwise.depthwise(
+      x, kernel[:, :, :, 0], stride, (pt, pl), out_hw
+    )
   if impl == 'lax':
     return lax.conv_general_dilated(
       x,
