@@ -4,11 +4,18 @@ XLA:CPU allocates every large activation buffer with `malloc` on each
 step. glibc serves buffers above 32 MiB with a fresh `mmap` and returns
 them with `munmap`, so every step the kernel maps and zeroes gigabytes of
 4 KiB pages: on the D0 training step (batch 8, 512 px, 2-core CPU) half
-of the wall time was system time. Three glibc tunables remove it: large
+of the wall time was system time. Four glibc tunables remove it: large
 buffers come from the heap (`mmap_max=0`), freed memory stays with the
-process (`trim_threshold`), and the heap uses transparent huge pages
-(`hugetlb=1`, glibc >= 2.35; older versions ignore the key). Measured
-(`tools/benchmark.py`, D0 512 f32): train step b8 4.55 s -> 2.98 s.
+process (`trim_threshold`), the heap uses transparent huge pages
+(`hugetlb=1`, glibc >= 2.35; older versions ignore the key), and every
+thread allocates from the main heap (`arena_max=1`). The last matters
+because XLA allocates a step's temporary buffer (3.7 GiB for that step)
+on a pool thread: glibc serves a request too large for a thread arena's
+64 MiB heap with `mmap` whatever `mmap_max` says, and the step faulted
+the whole buffer in again each time (strace: one mmap/munmap pair per
+step). Measured (`tools/benchmark.py`, D0 512 f32): train step b8
+4.55 s -> 2.98 s (first three); with the compiled CPU kernels, median
+2543 ms (range 1829-3632) -> 2035 ms (1951-2141) with `arena_max=1`.
 
 The price: the process keeps its peak heap until it exits (no memory is
 returned to the OS mid-run), which a training or benchmark process
@@ -27,6 +34,7 @@ TUNABLES = (
   'glibc.malloc.hugetlb=1',
   'glibc.malloc.mmap_max=0',
   'glibc.malloc.trim_threshold=1099511627776',
+  'glibc.malloc.arena_max=1',
 )
 OPT_OUT = 'EFFDET_TUNE_MALLOC'
 

@@ -9,25 +9,24 @@
 // o'*s + j - pad_left) for taps (i, j) of a k x k kernel; reads outside the
 // input are zero (TF SAME padding, given by the caller).
 //
-// Work is split into row chunks claimed from an atomic counter by the calling
-// thread and by tasks on XLA's intra-op pool. The caller never waits for a
-// task that has not started (it claims the chunks itself), so two of these
-// calls running at once cannot deadlock the pool.
+// Rows are shared out over XLA's intra-op pool (cpu_common.h); the kernel
+// gradient adds fixed chunks' partial sums in order (deterministic).
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <functional>
-#include <memory>
-#include <mutex>
+#include <algorithm>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using effdet::Load;
+using effdet::Store;
+using effdet::V16;
+using effdet::V8;
 
 struct Geometry {
   int64_t n, h, w, c;  // input
@@ -36,155 +35,160 @@ struct Geometry {
 };
 
 // ---------------------------------------------------------------------------
-// Parallel driver.
+// Inner loops, templated on the kernel size K (3 and 5 in EfficientDet) so
+// the taps unroll and per-tap kernel vectors or accumulators stay in
+// registers. Channels go in vectors of 16, then 8, then one at a time.
 
-struct Shared {
-  std::atomic<int64_t> next{0};
-  int64_t chunks = 0;
-  std::mutex mu;
-  std::condition_variable cv;
-  int active = 0;
-  bool closed = false;
+template <typename V>
+inline V Zero() {
+  return effdet::Splat<V>(0.f);
+}
+
+// Where tap j of output column `op` reads: a valid flag and an input column.
+// `along` is the input extent, `pad` the leading padding.
+struct Taps {
+  std::vector<int64_t> col;  // [out, K], -1 where outside
 };
 
-// Runs body(worker_state, chunk) for every chunk; `finish(worker_state)` once
-// per participating thread after its last chunk. `make` builds the state.
-template <typename State>
-void ParallelChunks(ffi::ThreadPool& pool, int64_t chunks,
-                    std::function<State()> make,
-                    std::function<void(State&, int64_t)> body,
-                    std::function<void(State&)> finish) {
-  auto shared = std::make_shared<Shared>();
-  shared->chunks = chunks;
-  auto participate = [shared, make, body, finish]() {
-    {
-      std::lock_guard<std::mutex> lock(shared->mu);
-      if (shared->closed) return;
-      ++shared->active;
+Taps ForwardTaps(int64_t out, int64_t k, int64_t stride, int64_t pad,
+                 int64_t along) {
+  Taps t;
+  t.col.resize(out * k);
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t q = o * stride + j - pad;
+      t.col[o * k + j] = (q >= 0 && q < along) ? q : -1;
     }
-    if (shared->next.load() < shared->chunks) {
-      State state = make();
-      bool any = false;
-      for (int64_t c; (c = shared->next.fetch_add(1)) < shared->chunks;) {
-        body(state, c);
-        any = true;
-      }
-      if (any) finish(state);
-    }
-    std::lock_guard<std::mutex> lock(shared->mu);
-    --shared->active;
-    shared->cv.notify_all();
-  };
-  int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  int64_t helpers = std::min<int64_t>(threads, chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = participate;
-    pool.Schedule(std::move(task));
   }
-  participate();
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->closed = true;
-  shared->cv.wait(lock, [&] { return shared->active == 0; });
+  return t;
 }
 
-int64_t ChunkCount(int64_t rows, ffi::ThreadPool& pool) {
-  int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  return std::min<int64_t>(rows, 4 * threads);
+// For the input gradient: which output column reads input column q at tap j.
+Taps InputTaps(int64_t in, int64_t k, int64_t stride, int64_t pad,
+               int64_t out) {
+  Taps t;
+  t.col.resize(in * k);
+  for (int64_t q = 0; q < in; ++q) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t u = q + pad - j;
+      const bool ok = u >= 0 && u % stride == 0 && u / stride < out;
+      t.col[q * k + j] = ok ? u / stride : -1;
+    }
+  }
+  return t;
 }
 
-struct Empty {};
-
-// ---------------------------------------------------------------------------
-// Inner loops. kBlock channels are accumulated in registers over all taps.
-
-constexpr int64_t kBlock = 16;
-
-// y[n, o, :, :] for one output row.
-void ForwardRow(const float* __restrict x, const float* __restrict k,
-                float* __restrict y, const Geometry& g, int64_t n,
-                int64_t o) {
+// One output row: y[o, :, cb:cb+L] for every L-block of channels from cb.
+// `rows[i]` is the input row read by tap row i (-1 outside).
+template <int K, typename V, int L>
+int64_t ForwardBlocks(const float* __restrict x, const float* __restrict k,
+                      float* __restrict y, const Geometry& g,
+                      const int64_t* rows, const Taps& taps, int64_t cb) {
   const int64_t c = g.c;
-  for (int64_t op = 0; op < g.wo; ++op) {
-    float* __restrict out = y + ((n * g.ho + o) * g.wo + op) * c;
-    int64_t cb = 0;
-    for (; cb + kBlock <= c; cb += kBlock) {
-      float acc[kBlock] = {};
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t r = o * g.stride + i - g.pad_top;
-        if (r < 0 || r >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t q = op * g.stride + j - g.pad_left;
-          if (q < 0 || q >= g.w) continue;
-          const float* __restrict xp = x + ((n * g.h + r) * g.w + q) * c + cb;
-          const float* __restrict kp = k + (i * g.k + j) * c + cb;
-          for (int64_t t = 0; t < kBlock; ++t) acc[t] += xp[t] * kp[t];
+  for (; cb + L <= c; cb += L) {
+    V kr[K * K];
+#pragma GCC unroll 32
+    for (int t = 0; t < K * K; ++t) kr[t] = Load<V>(k + t * c + cb);
+    for (int64_t op = 0; op < g.wo; ++op) {
+      const int64_t* col = &taps.col[op * K];
+      V acc = Zero<V>();
+#pragma GCC unroll 8
+      for (int i = 0; i < K; ++i) {
+        if (rows[i] < 0) continue;
+        const float* xr = x + rows[i] * g.w * c + cb;
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) {
+          if (col[j] < 0) continue;
+          acc += Load<V>(xr + col[j] * c) * kr[i * K + j];
         }
       }
-      for (int64_t t = 0; t < kBlock; ++t) out[cb + t] = acc[t];
+      Store<V>(y + op * c + cb, acc);
     }
-    if (cb < c) {
-      for (int64_t t = cb; t < c; ++t) out[t] = 0.f;
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t r = o * g.stride + i - g.pad_top;
-        if (r < 0 || r >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t q = op * g.stride + j - g.pad_left;
-          if (q < 0 || q >= g.w) continue;
-          const float* __restrict xp = x + ((n * g.h + r) * g.w + q) * c;
-          const float* __restrict kp = k + (i * g.k + j) * c;
-          for (int64_t t = cb; t < c; ++t) out[t] += xp[t] * kp[t];
+  }
+  return cb;
+}
+
+template <int K>
+void ForwardRow(const float* x, const float* k, float* y, const Geometry& g,
+                const Taps& taps, int64_t n, int64_t o) {
+  int64_t rows[K];
+  for (int i = 0; i < K; ++i) {
+    const int64_t r = o * g.stride + i - g.pad_top;
+    rows[i] = (r >= 0 && r < g.h) ? n * g.h + r : -1;
+  }
+  float* yr = y + (n * g.ho + o) * g.wo * g.c;
+  int64_t cb = ForwardBlocks<K, V16, 16>(x, k, yr, g, rows, taps, 0);
+  cb = ForwardBlocks<K, V8, 8>(x, k, yr, g, rows, taps, cb);
+  ForwardBlocks<K, float, 1>(x, k, yr, g, rows, taps, cb);
+}
+
+// dx[r, :, :] for one input row: the taps (i, j) that read input (r, q)
+// are those of output (o, o') with r = o*s + i - pad_top, q likewise.
+template <int K>
+void InputGradRow(const float* dy, const float* k, float* dx,
+                  const Geometry& g, const Taps& taps, int64_t n, int64_t r) {
+  int64_t rows[K];
+  for (int i = 0; i < K; ++i) {
+    const int64_t u = r + g.pad_top - i;
+    const bool ok = u >= 0 && u % g.stride == 0 && u / g.stride < g.ho;
+    rows[i] = ok ? n * g.ho + u / g.stride : -1;
+  }
+  // Same loop as the forward: the "input" is dy, the output is a dx row.
+  Geometry gg = g;
+  gg.w = g.wo;
+  gg.wo = g.w;
+  float* xr = dx + (n * g.h + r) * g.w * g.c;
+  int64_t cb = ForwardBlocks<K, V16, 16>(dy, k, xr, gg, rows, taps, 0);
+  cb = ForwardBlocks<K, V8, 8>(dy, k, xr, gg, rows, taps, cb);
+  ForwardBlocks<K, float, 1>(dy, k, xr, gg, rows, taps, cb);
+}
+
+// acc[i, j, cb:cb+L] += sum over one output row of x[tap] * dy, the K*K
+// accumulators in registers for the whole row.
+template <int K, typename V, int L>
+int64_t KernelGradBlocks(const float* __restrict x, const float* __restrict dy,
+                         float* __restrict acc_out, const Geometry& g,
+                         const int64_t* rows, const Taps& taps, int64_t cb) {
+  const int64_t c = g.c;
+  for (; cb + L <= c; cb += L) {
+    V acc[K * K];
+#pragma GCC unroll 32
+    for (int t = 0; t < K * K; ++t) acc[t] = Zero<V>();
+    for (int64_t op = 0; op < g.wo; ++op) {
+      const int64_t* col = &taps.col[op * K];
+      const V gv = Load<V>(dy + op * c + cb);
+#pragma GCC unroll 8
+      for (int i = 0; i < K; ++i) {
+        if (rows[i] < 0) continue;
+        const float* xr = x + rows[i] * g.w * c + cb;
+#pragma GCC unroll 8
+        for (int j = 0; j < K; ++j) {
+          if (col[j] < 0) continue;
+          acc[i * K + j] += Load<V>(xr + col[j] * c) * gv;
         }
       }
     }
-  }
-}
-
-// dx[n, r, :, :] for one input row: the taps that read (r, q) are those with
-// r = o*s + i - pad_top for some output row o.
-void InputGradRow(const float* __restrict dy, const float* __restrict k,
-                  float* __restrict dx, const Geometry& g, int64_t n,
-                  int64_t r) {
-  const int64_t c = g.c;
-  for (int64_t q = 0; q < g.w; ++q) {
-    float* __restrict out = dx + ((n * g.h + r) * g.w + q) * c;
-    for (int64_t t = 0; t < c; ++t) out[t] = 0.f;
-    for (int64_t i = 0; i < g.k; ++i) {
-      const int64_t ro = r + g.pad_top - i;
-      if (ro < 0 || ro % g.stride) continue;
-      const int64_t o = ro / g.stride;
-      if (o >= g.ho) continue;
-      for (int64_t j = 0; j < g.k; ++j) {
-        const int64_t qo = q + g.pad_left - j;
-        if (qo < 0 || qo % g.stride) continue;
-        const int64_t op = qo / g.stride;
-        if (op >= g.wo) continue;
-        const float* __restrict gp = dy + ((n * g.ho + o) * g.wo + op) * c;
-        const float* __restrict kp = k + (i * g.k + j) * c;
-        for (int64_t t = 0; t < c; ++t) out[t] += gp[t] * kp[t];
-      }
+#pragma GCC unroll 32
+    for (int t = 0; t < K * K; ++t) {
+      float* p = acc_out + t * c + cb;
+      Store<V>(p, Load<V>(p) + acc[t]);
     }
   }
+  return cb;
 }
 
-// acc[i, j, :] += sum over one output row of x[tap] * dy.
-void KernelGradRow(const float* __restrict x, const float* __restrict dy,
-                   float* __restrict acc, const Geometry& g, int64_t n,
-                   int64_t o) {
-  const int64_t c = g.c;
-  for (int64_t op = 0; op < g.wo; ++op) {
-    const float* __restrict gp = dy + ((n * g.ho + o) * g.wo + op) * c;
-    for (int64_t i = 0; i < g.k; ++i) {
-      const int64_t r = o * g.stride + i - g.pad_top;
-      if (r < 0 || r >= g.h) continue;
-      for (int64_t j = 0; j < g.k; ++j) {
-        const int64_t q = op * g.stride + j - g.pad_left;
-        if (q < 0 || q >= g.w) continue;
-        const float* __restrict xp = x + ((n * g.h + r) * g.w + q) * c;
-        float* __restrict ap = acc + (i * g.k + j) * c;
-        for (int64_t t = 0; t < c; ++t) ap[t] += xp[t] * gp[t];
-      }
-    }
+template <int K>
+void KernelGradRow(const float* x, const float* dy, float* acc,
+                   const Geometry& g, const Taps& taps, int64_t n, int64_t o) {
+  int64_t rows[K];
+  for (int i = 0; i < K; ++i) {
+    const int64_t r = o * g.stride + i - g.pad_top;
+    rows[i] = (r >= 0 && r < g.h) ? n * g.h + r : -1;
   }
+  const float* gr = dy + (n * g.ho + o) * g.wo * g.c;
+  int64_t cb = KernelGradBlocks<K, V16, 16>(x, gr, acc, g, rows, taps, 0);
+  cb = KernelGradBlocks<K, V8, 8>(x, gr, acc, g, rows, taps, cb);
+  KernelGradBlocks<K, float, 1>(x, gr, acc, g, rows, taps, cb);
 }
 
 // ---------------------------------------------------------------------------
@@ -192,26 +196,25 @@ void KernelGradRow(const float* __restrict x, const float* __restrict dy,
 
 ffi::Error CheckAttrs(int64_t stride, int64_t pad_top, int64_t pad_left,
                       int64_t k) {
-  if (stride < 1 || k < 1 || pad_top < 0 || pad_left < 0 || pad_top >= k ||
-      pad_left >= k) {
-    return ffi::Error::InvalidArgument("bad depthwise geometry");
+  if (stride < 1 || (k != 3 && k != 5) || pad_top < 0 || pad_left < 0 ||
+      pad_top >= k || pad_left >= k) {
+    return ffi::Error::InvalidArgument(
+        "depthwise kernel: k must be 3 or 5, 0 <= padding < k");
   }
   return ffi::Error::Success();
 }
 
-// Splits `rows` = batch * rows-per-image into chunks of whole rows.
+// Runs row(n, r) for every row r < rows of every image n < batch.
 template <typename Row>
 void ForRows(ffi::ThreadPool& pool, int64_t batch, int64_t rows, Row row) {
   const int64_t total = batch * rows;
-  const int64_t chunks = ChunkCount(total, pool);
-  ParallelChunks<Empty>(
-      pool, chunks, [] { return Empty{}; },
-      [&](Empty&, int64_t chunk) {
-        const int64_t lo = total * chunk / chunks;
-        const int64_t hi = total * (chunk + 1) / chunks;
-        for (int64_t t = lo; t < hi; ++t) row(t / rows, t % rows);
-      },
-      [](Empty&) {});
+  const int64_t chunks = effdet::LoopChunks(total, pool);
+  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t hi = effdet::ChunkStart(total, chunks, chunk + 1);
+    for (int64_t t = effdet::ChunkStart(total, chunks, chunk); t < hi; ++t) {
+      row(t / rows, t % rows);
+    }
+  });
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -227,8 +230,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
-  ForRows(pool, g.n, g.ho,
-          [&](int64_t n, int64_t o) { ForwardRow(xp, kp, yp, g, n, o); });
+  const Taps taps = ForwardTaps(g.wo, k, stride, pad_left, g.w);
+  ForRows(pool, g.n, g.ho, [&](int64_t n, int64_t o) {
+    if (k == 3) ForwardRow<3>(xp, kp, yp, g, taps, n, o);
+    else ForwardRow<5>(xp, kp, yp, g, taps, n, o);
+  });
   return ffi::Error::Success();
 }
 
@@ -245,8 +251,11 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   const float* gp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* xp = dx->typed_data();
-  ForRows(pool, g.n, g.h,
-          [&](int64_t n, int64_t r) { InputGradRow(gp, kp, xp, g, n, r); });
+  const Taps taps = InputTaps(g.w, k, stride, pad_left, g.wo);
+  ForRows(pool, g.n, g.h, [&](int64_t n, int64_t r) {
+    if (k == 3) InputGradRow<3>(gp, kp, xp, g, taps, n, r);
+    else InputGradRow<5>(gp, kp, xp, g, taps, n, r);
+  });
   return ffi::Error::Success();
 }
 
@@ -264,23 +273,26 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gp = dy.typed_data();
   float* out = dk->typed_data();
   const int64_t size = k * k * g.c;
-  std::fill(out, out + size, 0.f);
-  std::mutex mu;
+  const Taps taps = ForwardTaps(g.wo, k, stride, pad_left, g.w);
   const int64_t total = g.n * g.ho;
-  const int64_t chunks = ChunkCount(total, pool);
-  ParallelChunks<std::vector<float>>(
-      pool, chunks, [size] { return std::vector<float>(size, 0.f); },
-      [&](std::vector<float>& acc, int64_t chunk) {
-        const int64_t lo = total * chunk / chunks;
-        const int64_t hi = total * (chunk + 1) / chunks;
-        for (int64_t t = lo; t < hi; ++t) {
-          KernelGradRow(xp, gp, acc.data(), g, t / g.ho, t % g.ho);
-        }
-      },
-      [&](std::vector<float>& acc) {
-        std::lock_guard<std::mutex> lock(mu);
-        for (int64_t t = 0; t < size; ++t) out[t] += acc[t];
-      });
+  const int64_t chunks = std::min(total, effdet::kReduceChunks);
+  std::vector<float> partial(chunks * size, 0.f);
+  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+    float* acc = partial.data() + chunk * size;
+    const int64_t hi = effdet::ChunkStart(total, chunks, chunk + 1);
+    for (int64_t t = effdet::ChunkStart(total, chunks, chunk); t < hi; ++t) {
+      if (k == 3) {
+        KernelGradRow<3>(xp, gp, acc, g, taps, t / g.ho, t % g.ho);
+      } else {
+        KernelGradRow<5>(xp, gp, acc, g, taps, t / g.ho, t % g.ho);
+      }
+    }
+  });
+  std::fill(out, out + size, 0.f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const float* p = partial.data() + c * size;
+    for (int64_t t = 0; t < size; ++t) out[t] += p[t];
+  }
   return ffi::Error::Success();
 }
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from effdet_jax.kernels import native_depthwise
+from effdet_jax.kernels import cpu_library, native_depthwise
 from effdet_jax.models.batch_norm import BatchNorm
 
 Array = jax.Array
@@ -114,13 +114,13 @@ def _default_depthwise_impl(
 ) -> str:
   # XLA:CPU lowers grouped convolutions to a slow generic loop. The compiled
   # kernels (effdet_jax/kernels) are fastest there; where they do not apply
-  # (bf16, no C++ compiler, several devices: a custom call has no sharding
-  # rule) the k*k shifted multiply-adds fuse into one vectorised loop (~6x
-  # faster than XLA's, see benchmarks/depthwise.py). GPUs/TPUs have good
-  # grouped convs.
+  # (bf16, no C++ compiler, a multi-device mesh: a custom call has no
+  # sharding rule) the k*k shifted multiply-adds fuse into one vectorised
+  # loop (~6x faster than XLA's, see benchmarks/depthwise.py). GPUs/TPUs
+  # have good grouped convs.
   if jax.default_backend() != 'cpu':
     return 'lax'
-  if jax.device_count() == 1 and native_depthwise.supports(dtype, k, stride):
+  if cpu_library.enabled() and native_depthwise.supports(dtype, k, stride):
     return 'native'
   return 'shift'
 
@@ -432,7 +432,7 @@ _IM2COL_MAX_WIDTH = 64
 
 
 def _use_im2col(kernel_size: int, in_channels: int, impl: str) -> bool:
-  """im2col for narrow convs where the depthwise form is 'shift' (CPU).
+  """im2col for narrow convs where the depthwise form is a CPU one.
 
   `impl` follows the model's `depthwise_impl`: 'lax' (what TPUs and GPUs
   run, and what `plan_memory` compiles) keeps XLA's convolution, whose
@@ -442,7 +442,7 @@ def _use_im2col(kernel_size: int, in_channels: int, impl: str) -> bool:
   if impl == 'auto':
     impl = _default_depthwise_impl()
   return (
-    impl == 'shift'
+    impl in ('shift', 'native')
     and kernel_size * kernel_size * in_channels <= _IM2COL_MAX_WIDTH
   )
 

@@ -101,6 +101,11 @@ def build_module(
   cfg = inference.model_section(config)
   anchors = anchors_lib.anchors_from_config(cfg)
   kwargs = inference.inference_postprocess_kwargs(cfg, max_boxes, nms_method)
+  if getattr(model, 'depthwise_impl', None) in ('auto', 'native'):
+    # A SavedModel cannot carry our XLA:CPU custom calls: export the jnp
+    # form on CPU (same function) and XLA's convolution elsewhere.
+    cpu = jax.default_backend() == 'cpu'
+    model = model.clone(depthwise_impl='shift' if cpu else 'lax')
   detect = inference.make_detect_fn(model, anchors, **kwargs)
   # The variables pytree keeps static shapes; only the batch is symbolic.
   batch = 'b' if batch_size is None else str(int(batch_size))

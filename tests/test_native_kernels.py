@@ -1,0 +1,203 @@
+"""The compiled XLA:CPU kernels compute what the jnp forms compute.
+
+`effdet_jax/kernels/*.cc` are built with the system C++ compiler on first
+use. The facts relied on: depthwise conv with TF SAME padding (pad before
+= total // 2), and Keras BN in training mode (batch statistics with the
+fast variance E[x^2] - E[x]^2, then the activation), with their gradients.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO
+
+from effdet_jax.kernels import cpu_library, native_batch_norm
+from effdet_jax.models import batch_norm as bn_lib
+from effdet_jax.models import layers
+
+pytestmark = pytest.mark.skipif(
+  not cpu_library.load(), reason='no C++ compiler: the jnp forms run instead'
+)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize(
+  'k,stride,shape',
+  [
+    (3, 1, (2, 9, 7, 16)),
+    (3, 2, (2, 10, 13, 24)),  # 24 channels: a 16-block and an 8-block
+    (5, 1, (1, 12, 11, 19)),  # 19: the scalar tail too
+    (5, 2, (3, 9, 8, 40)),
+    (3, 2, (1, 1, 1, 16)),  # one pixel: every tap but the centre pads
+  ],
+)
+def test_depthwise_matches_lax_and_shift(k, stride, shape):
+  x = jax.random.normal(jax.random.key(0), shape)
+  kernel = jax.random.normal(jax.random.key(1), (k, k, shape[-1], 1))
+  out = {}
+  grads = {}
+  for impl in ('native', 'shift', 'lax'):
+
+    def f(x, kernel, impl=impl):
+      return layers.depthwise_conv(x, kernel, stride, impl)
+
+    y = jax.jit(f)(x, kernel)
+    cot = jax.random.normal(jax.random.key(2), y.shape)
+    grads[impl] = jax.jit(
+      jax.grad(
+        lambda x, w, f=f, cot=cot: jnp.sum(f(x, w) * cot), argnums=(0, 1)
+      )
+    )(x, kernel)
+    out[impl] = y
+  assert out['native'].shape == out['lax'].shape
+  assert _rel(out['native'], out['lax']) < 1e-5
+  assert _rel(out['native'], out['shift']) < 1e-5
+  for a, b in zip(grads['native'], grads['lax'], strict=True):
+    assert _rel(a, b) < 1e-5
+
+
+def test_depthwise_kernel_gradient_is_deterministic():
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 48))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 48, 1))
+  grad = jax.jit(
+    jax.grad(lambda w: jnp.sum(layers.depthwise_conv(x, w, 1, 'native') ** 2))
+  )
+  first = np.asarray(grad(w))
+  for _ in range(3):
+    np.testing.assert_array_equal(np.asarray(grad(w)), first)
+
+
+def test_auto_picks_native_for_f32_on_one_device_only():
+  with cpu_library.forced(True):
+    assert layers._default_depthwise_impl(jnp.float32, 3, 1) == 'native'
+    assert layers._default_depthwise_impl(jnp.bfloat16, 3, 1) == 'shift'
+  with cpu_library.forced(False):
+    assert layers._default_depthwise_impl(jnp.float32, 3, 1) == 'shift'
+  # The test process emulates 8 devices: a mesh run keeps the jnp form.
+  assert jax.device_count() > 1
+  assert layers._default_depthwise_impl(jnp.float32, 3, 1) == 'shift'
+
+
+@pytest.mark.parametrize(
+  'act', [None, layers.swish, jax.nn.relu, layers.relu6, jax.nn.silu]
+)
+@pytest.mark.parametrize('shape', [(2, 6, 5, 40), (3, 4, 4, 19)])
+def test_batch_norm_act_matches_jnp(act, shape):
+  # Wide inputs so the activation sees large |z| (the exp clamp) too.
+  x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0
+  scale = 10.0 * jax.random.normal(jax.random.key(1), shape[-1:])
+  bias = jax.random.normal(jax.random.key(2), shape[-1:])
+  cot = jax.random.normal(jax.random.key(3), shape)
+
+  def loss(x, scale, bias):
+    y, mean, var = bn_lib.normalize_act_train(x, scale, bias, 1e-3, act)
+    return jnp.sum(y * cot), (y, mean, var)
+
+  run = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  with cpu_library.forced(True):
+    assert native_batch_norm.supports(x.dtype, act)
+    native = run(x, scale, bias)
+  with cpu_library.forced(False):
+    ref = run(x, scale, bias)
+  for a, b in zip(jax.tree.leaves(native), jax.tree.leaves(ref), strict=True):
+    assert np.isfinite(np.asarray(a)).all()
+    assert _rel(a, b) < 2e-5
+
+
+def test_batch_norm_statistics_keep_precision_with_a_large_mean():
+  # E[x^2] - E[x]^2 in f32 over many pixels loses the variance when the
+  # mean is large; the kernel sums in double.
+  x = 100.0 + jax.random.normal(jax.random.key(0), (8, 64, 64, 16))
+  ones, zeros = jnp.ones(16), jnp.zeros(16)
+  with cpu_library.forced(True):
+    _, mean, var = jax.jit(
+      lambda x: bn_lib.normalize_act_train(x, ones, zeros, 1e-3, None)
+    )(x)
+  xd = np.asarray(x, np.float64).reshape(-1, 16)
+  np.testing.assert_allclose(mean, xd.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(var, xd.var(0), rtol=1e-3)
+
+
+def test_batch_norm_propagates_nan():
+  # The trainer's NaN guard must still see a NaN loss.
+  x = jnp.ones((2, 3, 3, 16)).at[0, 1, 1, 3].set(jnp.nan)
+  with cpu_library.forced(True):
+    y, mean, _ = jax.jit(
+      lambda x: bn_lib.normalize_act_train(
+        x, jnp.ones(16), jnp.zeros(16), 1e-3, jax.nn.relu
+      )
+    )(x)
+  assert np.isnan(np.asarray(y)[..., 3]).all()
+  assert np.isnan(np.asarray(mean)[3])
+  assert np.isfinite(np.asarray(y)[..., 2]).all()
+
+
+def test_unknown_activation_uses_jnp():
+  assert native_batch_norm.act_code(jnp.tanh) is None
+  with cpu_library.forced(True):
+    assert not native_batch_norm.supports(jnp.float32, jnp.tanh)
+    assert not native_batch_norm.supports(jnp.bfloat16, None)
+
+
+def test_model_train_mode_gradients_match_jnp_forms():
+  """A whole (small) EfficientDet in train mode: outputs, new batch stats
+  and parameter gradients, with the kernels and with the jnp forms."""
+  import effdet_jax
+
+  model, variables = effdet_jax.create_model(
+    'efficientdet-d0',
+    image_size=(64, 64),
+    max_level=5,
+    num_classes=3,
+    fpn_num_filters=24,  # a 16-block and an 8-block of channels
+    fpn_cell_repeats=1,
+    box_class_repeats=1,
+  )
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+
+  def loss(params):
+    (cls, box), new = model.apply(
+      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+    )
+    total = sum(jnp.sum(jnp.sin(c)) for c in cls) + sum(
+      jnp.sum(b * b) for b in box
+    )
+    return total, new
+
+  run = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  out = {}
+  for on in (True, False):
+    with cpu_library.forced(on):
+      out[on] = run(variables['params'])
+  (l1, stats1), g1 = out[True]
+  (l0, stats0), g0 = out[False]
+  assert abs(float(l1) - float(l0)) <= 1e-5 * abs(float(l0))
+  for a, b in zip(
+    jax.tree.leaves(stats1), jax.tree.leaves(stats0), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    assert _rel(a, b) < 1e-3
+
+
+def test_disabled_by_environment():
+  env = dict(os.environ, EFFDET_NATIVE_KERNELS='0')
+  code = 'from effdet_jax.kernels import cpu_library as c; print(c.load())'
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  assert out.stdout.strip() == 'False'
