@@ -1,4 +1,5 @@
-"""Depthwise conv on this backend: XLA grouped conv vs fused shifted MACs.
+"""Depthwise conv on this backend: XLA grouped conv, fused shifted MACs, and
+the compiled XLA:CPU kernel (`effdet_jax/kernels`, CPU only).
 
   python benchmarks/depthwise.py [--format=json]
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effdet_jax.kernels import native_depthwise
 from effdet_jax.models.layers import depthwise_conv
 
 CASES = [
@@ -39,11 +41,14 @@ def main():
   parser.add_argument('--format', choices=['table', 'json'], default='table')
   args = parser.parse_args()
   rows = []
+  impls = ['lax', 'shift'] + (
+    ['native'] if native_depthwise.available() else []
+  )
   for shape, k, s in CASES:
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
     w = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1], 1))
     row = {'shape': list(shape), 'kernel': k, 'stride': s}
-    for impl in ('lax', 'shift'):
+    for impl in impls:
       fwd = jax.jit(lambda x, w, impl=impl, s=s: depthwise_conv(x, w, s, impl))
       grad = jax.jit(
         jax.grad(
@@ -60,16 +65,13 @@ def main():
     print(json.dumps({'backend': jax.default_backend(), 'rows': rows}))
     return
   print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind})')
-  print(
-    '| input | k/s | lax fwd ms | shift fwd ms | lax grad ms | shift grad ms |'
-  )
-  print('|---|---|---|---|---|---|')
+  cols = [f'{i} {p}' for p in ('fwd', 'grad') for i in impls]
+  print('| input | k/s | ' + ' | '.join(f'{c} ms' for c in cols) + ' |')
+  print('|---|---|' + '---|' * len(cols))
   for r in rows:
-    print(
-      f'| {r["shape"]} | {r["kernel"]}/{r["stride"]} '
-      f'| {r["lax_fwd_ms"]:.1f} | {r["shift_fwd_ms"]:.1f} '
-      f'| {r["lax_grad_ms"]:.1f} | {r["shift_grad_ms"]:.1f} |'
-    )
+    vals = [r[f'{i}_{p}_ms'] for p in ('fwd', 'grad') for i in impls]
+    cells = ' | '.join(f'{v:.1f}' for v in vals)
+    print(f'| {r["shape"]} | {r["kernel"]}/{r["stride"]} | {cells} |')
 
 
 if __name__ == '__main__':
