@@ -61,6 +61,8 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _build(compiler: str) -> pathlib.Path:
+  if not _sources():
+    raise OSError(f'no kernel sources in {_DIR} (package data not installed)')
   include = jax.ffi.include_dir()
   key = hashlib.sha256()
   for path in [*_sources(), _DIR / 'cpu_common.h']:
