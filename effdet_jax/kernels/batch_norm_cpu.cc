@@ -237,6 +237,19 @@ void BackwardImpl(ffi::ThreadPool& pool, const float* x, const float* dy,
   });
 }
 
+// run.template operator()<A>() for the activation code `act`.
+template <typename F>
+ffi::Error WithAct(int64_t act, F& run) {
+  switch (act) {
+    case kNone: run.template operator()<kNone>(); break;
+    case kSwish: run.template operator()<kSwish>(); break;
+    case kRelu: run.template operator()<kRelu>(); break;
+    case kRelu6: run.template operator()<kRelu6>(); break;
+    default: return ffi::Error::InvalidArgument("unknown activation");
+  }
+  return ffi::Error::Success();
+}
+
 int64_t Rows(ffi::Span<const int64_t> dims) {
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) rows *= dims[i];
@@ -258,14 +271,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    bias.typed_data(), epsilon, rows, c, y->typed_data(),
                    mean->typed_data(), var->typed_data());
   };
-  switch (act) {
-    case kNone: run.template operator()<kNone>(); break;
-    case kSwish: run.template operator()<kSwish>(); break;
-    case kRelu: run.template operator()<kRelu>(); break;
-    case kRelu6: run.template operator()<kRelu6>(); break;
-    default: return ffi::Error::InvalidArgument("unknown activation");
-  }
-  return ffi::Error::Success();
+  return WithAct(act, run);
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -285,14 +291,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     rows, c, dx->typed_data(), dscale->typed_data(),
                     dbias->typed_data());
   };
-  switch (act) {
-    case kNone: run.template operator()<kNone>(); break;
-    case kSwish: run.template operator()<kSwish>(); break;
-    case kRelu: run.template operator()<kRelu>(); break;
-    case kRelu6: run.template operator()<kRelu6>(); break;
-    default: return ffi::Error::InvalidArgument("unknown activation");
-  }
-  return ffi::Error::Success();
+  return WithAct(act, run);
 }
 
 }  // namespace

@@ -57,10 +57,13 @@ inline void ParallelFor(ffi::ThreadPool& pool, int64_t chunks,
     }
     if (!caller) state->active.fetch_sub(1);
   };
+  // EFFDET_KERNEL_THREADS caps the threads (for profiling); read once.
+  static const int64_t cap = [] {
+    const char* env = std::getenv("EFFDET_KERNEL_THREADS");
+    return env ? std::max<int64_t>(std::atoll(env), 1) : int64_t{0};
+  }();
   int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  if (const char* env = std::getenv("EFFDET_KERNEL_THREADS")) {
-    threads = std::max<int64_t>(std::atoll(env), 1);
-  }
+  if (cap > 0) threads = cap;
   const int64_t helpers = std::min<int64_t>(threads, chunks) - 1;
   for (int64_t t = 0; t < helpers; ++t) {
     pool.Schedule([state, participate] { participate(false); });

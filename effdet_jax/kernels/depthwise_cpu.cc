@@ -13,6 +13,7 @@
 // gradient adds fixed chunks' partial sums in order (deterministic).
 
 #include <cstdint>
+#include <type_traits>
 #include <algorithm>
 #include <vector>
 
@@ -38,11 +39,6 @@ struct Geometry {
 // Inner loops, templated on the kernel size K (3 and 5 in EfficientDet) so
 // the taps unroll and per-tap kernel vectors or accumulators stay in
 // registers. Channels go in vectors of 16, then 8, then one at a time.
-
-template <typename V>
-inline V Zero() {
-  return effdet::Splat<V>(0.f);
-}
 
 // Where tap j of output column `op` reads: a valid flag and an input column.
 // `along` is the input extent, `pad` the leading padding.
@@ -91,7 +87,7 @@ int64_t ForwardBlocks(const float* __restrict x, const float* __restrict k,
     for (int t = 0; t < K * K; ++t) kr[t] = Load<V>(k + t * c + cb);
     for (int64_t op = 0; op < g.wo; ++op) {
       const int64_t* col = &taps.col[op * K];
-      V acc = Zero<V>();
+      V acc = effdet::Splat<V>(0.f);
 #pragma GCC unroll 8
       for (int i = 0; i < K; ++i) {
         if (rows[i] < 0) continue;
@@ -153,7 +149,7 @@ int64_t KernelGradBlocks(const float* __restrict x, const float* __restrict dy,
   for (; cb + L <= c; cb += L) {
     V acc[K * K];
 #pragma GCC unroll 32
-    for (int t = 0; t < K * K; ++t) acc[t] = Zero<V>();
+    for (int t = 0; t < K * K; ++t) acc[t] = effdet::Splat<V>(0.f);
     for (int64_t op = 0; op < g.wo; ++op) {
       const int64_t* col = &taps.col[op * K];
       const V gv = Load<V>(dy + op * c + cb);
@@ -204,6 +200,24 @@ ffi::Error CheckAttrs(int64_t stride, int64_t pad_top, int64_t pad_left,
   return ffi::Error::Success();
 }
 
+// Geometry from input dims [N,H,W,C], output dims [N,Ho,Wo,C] and attrs.
+Geometry MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out,
+                      int64_t k, int64_t stride, int64_t pad_top,
+                      int64_t pad_left) {
+  return Geometry{in[0], in[1], in[2], in[3],   out[1],
+                  out[2], k,    stride, pad_top, pad_left};
+}
+
+// f(std::integral_constant<int, K>) for the kernel sizes we compile.
+template <typename F>
+void WithK(int64_t k, F&& f) {
+  if (k == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else {
+    f(std::integral_constant<int, 5>{});
+  }
+}
+
 // Runs row(n, r) for every row r < rows of every image n < batch.
 template <typename Row>
 void ForRows(ffi::ThreadPool& pool, int64_t batch, int64_t rows, Row row) {
@@ -221,19 +235,18 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride,
                    int64_t pad_top, int64_t pad_left) {
-  auto xd = x.dimensions();
-  auto yd = y->dimensions();
   const int64_t k = kernel.dimensions()[0];
   if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
-  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1],    yd[2],
-             k,     stride, pad_top, pad_left};
+  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), k, stride,
+                                  pad_top, pad_left);
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
   const Taps taps = ForwardTaps(g.wo, k, stride, pad_left, g.w);
-  ForRows(pool, g.n, g.ho, [&](int64_t n, int64_t o) {
-    if (k == 3) ForwardRow<3>(xp, kp, yp, g, taps, n, o);
-    else ForwardRow<5>(xp, kp, yp, g, taps, n, o);
+  WithK(k, [&](auto K) {
+    ForRows(pool, g.n, g.ho, [&](int64_t n, int64_t o) {
+      ForwardRow<K()>(xp, kp, yp, g, taps, n, o);
+    });
   });
   return ffi::Error::Success();
 }
@@ -242,19 +255,18 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                      ffi::Buffer<ffi::F32> kernel,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
                      int64_t pad_top, int64_t pad_left) {
-  auto gd = dy.dimensions();
-  auto xd = dx->dimensions();
   const int64_t k = kernel.dimensions()[0];
   if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
-  Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1],    gd[2],
-             k,     stride, pad_top, pad_left};
+  const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), k, stride,
+                                  pad_top, pad_left);
   const float* gp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* xp = dx->typed_data();
   const Taps taps = InputTaps(g.w, k, stride, pad_left, g.wo);
-  ForRows(pool, g.n, g.h, [&](int64_t n, int64_t r) {
-    if (k == 3) InputGradRow<3>(gp, kp, xp, g, taps, n, r);
-    else InputGradRow<5>(gp, kp, xp, g, taps, n, r);
+  WithK(k, [&](auto K) {
+    ForRows(pool, g.n, g.h, [&](int64_t n, int64_t r) {
+      InputGradRow<K()>(gp, kp, xp, g, taps, n, r);
+    });
   });
   return ffi::Error::Success();
 }
@@ -263,12 +275,10 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> dy,
                       ffi::ResultBuffer<ffi::F32> dk, int64_t stride,
                       int64_t pad_top, int64_t pad_left) {
-  auto xd = x.dimensions();
-  auto gd = dy.dimensions();
   const int64_t k = dk->dimensions()[0];
   if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
-  Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1],    gd[2],
-             k,     stride, pad_top, pad_left};
+  const Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), k, stride,
+                                  pad_top, pad_left);
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
   float* out = dk->typed_data();
@@ -277,16 +287,14 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t total = g.n * g.ho;
   const int64_t chunks = std::min(total, effdet::kReduceChunks);
   std::vector<float> partial(chunks * size, 0.f);
-  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
-    float* acc = partial.data() + chunk * size;
-    const int64_t hi = effdet::ChunkStart(total, chunks, chunk + 1);
-    for (int64_t t = effdet::ChunkStart(total, chunks, chunk); t < hi; ++t) {
-      if (k == 3) {
-        KernelGradRow<3>(xp, gp, acc, g, taps, t / g.ho, t % g.ho);
-      } else {
-        KernelGradRow<5>(xp, gp, acc, g, taps, t / g.ho, t % g.ho);
+  WithK(k, [&](auto K) {
+    effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+      float* acc = partial.data() + chunk * size;
+      const int64_t hi = effdet::ChunkStart(total, chunks, chunk + 1);
+      for (int64_t t = effdet::ChunkStart(total, chunks, chunk); t < hi; ++t) {
+        KernelGradRow<K()>(xp, gp, acc, g, taps, t / g.ho, t % g.ho);
       }
-    }
+    });
   });
   std::fill(out, out + size, 0.f);
   for (int64_t c = 0; c < chunks; ++c) {
