@@ -167,10 +167,14 @@ def test_two_process_cli_sigterm_and_resume(tmp_path):
     )
     for i in (0, 1)
   ]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-    assert f'resumed from step {saved}' in err
+  # Both stderrs on failure: one process dying shows in the other only as a
+  # collective timeout.
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for i, (p, err) in enumerate(zip(procs, errs, strict=True)):
+    assert p.returncode == 0, '\n'.join(
+      f'[{j}] {e[-3000:]}' for j, e in enumerate(errs)
+    )
+    assert f'resumed from step {saved}' in err, i
   before = _checkpoint_params(tmp_path, saved)
   after = _checkpoint_params(tmp_path, saved + 1)
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):

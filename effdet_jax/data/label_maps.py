@@ -215,12 +215,12 @@ def _describe(name: str | None, category_id: int | None) -> str:
 
 def save_workdir(workdir: str, class_map: ClassMap) -> str:
   """Writes `workdir/label_map.json` (a local path or gs://)."""
-  from etils import epath  # noqa: PLC0415
+  from effdet_jax import files  # noqa: PLC0415
 
-  path = epath.Path(workdir) / WORKDIR_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(class_map.to_json(), indent=1))
-  return str(path)
+  path = os.path.join(workdir, WORKDIR_FILE)
+  # Other processes read it at the same time (`load_workdir`): never half.
+  files.write_text(path, json.dumps(class_map.to_json(), indent=1))
+  return path
 
 
 def load_workdir(workdir: str) -> ClassMap | None:

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from effdet_jax import api, inference
+from effdet_jax import api, files, inference
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.detection import postprocess as postprocess_lib
 from effdet_jax.evaluation import coco
@@ -305,10 +305,7 @@ def write_results(
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)  # a reader never sees half a file
+  files.write_text(path, json.dumps(obj))  # a reader never sees half a file
 
 
 def _weight_sets(state: Any, which: str) -> dict[str, Any]:

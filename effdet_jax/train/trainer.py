@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -19,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
-from etils import epath
 from jax.experimental import multihost_utils
 
-from effdet_jax import api
+from effdet_jax import api, files
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.train import (
   checkpoint,
@@ -91,13 +91,14 @@ def write_config(config: Any, workdir: str) -> None:
   """The resolved run config (+ the model section `effdet_jax.load` reads)."""
   if jax.process_index() != 0:
     return
-  out = epath.Path(workdir)  # a local path or gs://
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'config.json').write_text(
-    config.to_json_best_effort(indent=2, sort_keys=True)
+  # A local path or gs://; `effdet_jax.load` may be reading it meanwhile.
+  files.write_text(
+    os.path.join(workdir, 'config.json'),
+    config.to_json_best_effort(indent=2, sort_keys=True),
   )
-  (out / api.MODEL_CONFIG_FILE).write_text(
-    json.dumps(config.model.to_dict(), indent=2, sort_keys=True)
+  files.write_text(
+    os.path.join(workdir, api.MODEL_CONFIG_FILE),
+    json.dumps(config.model.to_dict(), indent=2, sort_keys=True),
   )
 
 
