@@ -198,5 +198,9 @@ def _cores() -> int:
 
 
 if __name__ == '__main__':
-  malloc_tuning.reexec_if_untuned()
+  # Our side is D0 f32 on one CPU device: the settings `effdet_jax.main`
+  # picks for it (single arena included).
+  malloc_tuning.reexec_if_untuned(
+    single_arena=malloc_tuning.single_arena_helps('float32')
+  )
   main()

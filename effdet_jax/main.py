@@ -55,6 +55,12 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Before any JAX backend starts; the config (its dtype) decides the arena.
+  one_process = (_NUM_PROCESSES.value or 1) <= 1 and not _DISTRIBUTED.value
+  malloc_tuning.reexec_if_untuned(
+    single_arena=one_process
+    and malloc_tuning.single_arena_helps(_CONFIG.value.model.dtype)
+  )
   _initialize_distributed()
   import tensorflow as tf  # noqa: PLC0415 - tf.data only, no accelerators
 
@@ -110,5 +116,4 @@ def _report(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  malloc_tuning.reexec_if_untuned()
   app.run(main)

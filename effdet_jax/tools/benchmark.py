@@ -241,6 +241,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv):
   del argv
   config = _CONFIG.value
+  dtype = _DTYPE.value or config.model.dtype
+  # Before any JAX backend starts; the dtype decides the arena setting.
+  malloc_tuning.reexec_if_untuned(
+    single_arena=malloc_tuning.single_arena_helps(dtype)
+  )
   with config.unlocked():
     if _DTYPE.value:
       config.model.dtype = _DTYPE.value
@@ -267,6 +272,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  malloc_tuning.reexec_if_untuned()
   _define_flags()
   app.run(main)
