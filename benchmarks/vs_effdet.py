@@ -111,6 +111,7 @@ def _worker(impl: str, workloads: list[str], size: int, calls: int) -> None:
 
   torch.set_num_threads(_cores())
   if impl == 'effdet_jax':
+    malloc_tuning.dispatch_inline()  # as effdet_jax.main does
     # Later rounds reuse the XLA executables instead of recompiling.
     jax.config.update('jax_compilation_cache_dir', _CACHE)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
@@ -198,9 +199,6 @@ def _cores() -> int:
 
 
 if __name__ == '__main__':
-  # Our side is D0 f32 on one CPU device: the settings `effdet_jax.main`
-  # picks for it (single arena included).
-  malloc_tuning.reexec_if_untuned(
-    single_arena=malloc_tuning.single_arena_helps('float32')
-  )
+  # The settings `effdet_jax.main` runs under.
+  malloc_tuning.reexec_if_untuned()
   main()

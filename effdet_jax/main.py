@@ -55,12 +55,9 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Before any JAX backend starts; the config (its dtype) decides the arena.
-  one_process = (_NUM_PROCESSES.value or 1) <= 1 and not _DISTRIBUTED.value
-  malloc_tuning.reexec_if_untuned(
-    single_arena=one_process
-    and malloc_tuning.single_arena_helps(_CONFIG.value.model.dtype)
-  )
+  # Both before any JAX backend starts.
+  malloc_tuning.reexec_if_untuned()
+  malloc_tuning.dispatch_inline()
   _initialize_distributed()
   import tensorflow as tf  # noqa: PLC0415 - tf.data only, no accelerators
 

@@ -10,33 +10,35 @@ process (`trim_threshold`), the heap uses transparent huge pages
 (`hugetlb=1`, glibc >= 2.35; older versions ignore the key).
 Measured (`tools/benchmark.py`, D0 512 f32): train step b8 4.55 s -> 2.98 s.
 
-A fourth, `arena_max=1` (every thread allocates from the main heap), is
-added only where it was measured to help: f32 on one CPU device, where the
-compiled CPU kernels run. XLA allocates a step's temporary buffer (3.7 GiB
-for that step) on a pool thread, and glibc serves a request too large for a
-thread arena's 64 MiB heap with `mmap` whatever `mmap_max` says, so the
-step faulted the whole buffer in again each time (strace: one mmap/munmap
-pair per step): median 2543 ms (range 1829-3632) -> 2035 ms (1951-2141).
-Where XLA runs the jnp forms instead (bf16, a multi-device mesh,
-`EFFDET_NATIVE_KERNELS=0`) the step is slower with it (bf16 train step
-3461 -> 5169 ms, f32 jnp forms 2923 -> 3705 ms; perf puts 7 % of that run's
-samples in `_int_malloc` and 11 % in the kernel clearing pages), so there
-glibc keeps its per-thread arenas.
+XLA allocates a step's temporary buffer (3.7 GiB for that step) on the
+thread that runs the computation. With JAX's default asynchronous CPU
+dispatch that is a pool thread, and glibc serves a request too large for a
+thread arena's 64 MiB heap with `mmap` whatever `mmap_max` says: strace
+showed one mmap/munmap pair per step, and every other step spent 1.9 s of
+system time faulting the buffer in again. `dispatch_inline()` runs
+one-device CPU computations on the calling (main) thread instead, whose
+main heap honours the tunables: train step median 1.94 s (with the
+`arena_max=1` this module used before, which cost lock contention in every
+multi-threaded op: one weight-gradient dot 13 -> 52 ms) -> 1.68 s; bf16
+3.8 -> 3.4 s; f32 jnp forms 2.8 -> 2.57 s. The GIL is released while the
+computation runs, so Python threads (input prefetch) keep going.
 
 The price: the process keeps its peak heap until it exits (no memory is
-returned to the OS mid-run), which a training or benchmark process
-wants anyway. glibc reads tunables only at process start, hence the
-re-exec. Set `EFFDET_TUNE_MALLOC=0` to opt out; a `GLIBC_TUNABLES` the
-user already set is kept and extended, never overridden.
+returned to the OS mid-run), which a training or benchmark process wants
+anyway; and on one CPU device Python no longer runs ahead of the
+computation, which costs a step's few milliseconds of host work. glibc
+reads tunables only at process start, hence the re-exec. Set
+`EFFDET_TUNE_MALLOC=0` to opt out of both (asynchronous dispatch comes
+back with it); a `GLIBC_TUNABLES` the user already set is kept and
+extended, never overridden.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import platform
-import re
 import sys
+import warnings
 
 TUNABLES = (
   'glibc.malloc.hugetlb=1',
@@ -75,30 +77,17 @@ def is_tuned(
   return all(t.split('=', 1)[0] in have for t in _wanted(single_arena))
 
 
-def _accelerator_present() -> bool:
-  """TPU (/dev/accel*, /dev/vfio/N) or NVIDIA device nodes, without
-  initialising a JAX backend (the re-exec comes before that)."""
-  for pattern in ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*'):
-    if glob.glob(pattern):
-      return True
-  return False
-
-
 def single_arena_helps(dtype: str, env: dict[str, str] | None = None) -> bool:
-  """Whether this run will use the compiled CPU kernels (f32, one CPU
-  device), the case `arena_max=1` was measured to speed up."""
-  env = os.environ if env is None else env
-  if str(dtype) != 'float32' or env.get('EFFDET_NATIVE_KERNELS') == '0':
-    return False
-  forced = re.search(
-    r'xla_force_host_platform_device_count=(\d+)', env.get('XLA_FLAGS', '')
+  """Deprecated: always False. `arena_max=1` is no longer needed once
+  `dispatch_inline()` keeps XLA's buffers on the main heap, and it slowed
+  every multi-threaded op with lock contention."""
+  del dtype, env
+  warnings.warn(
+    'single_arena_helps is deprecated: use dispatch_inline()',
+    DeprecationWarning,
+    stacklevel=2,
   )
-  if forced and int(forced.group(1)) > 1:
-    return False
-  platforms = env.get('JAX_PLATFORMS', '')
-  if platforms:
-    return platforms.split(',')[0].strip() == 'cpu'
-  return not _accelerator_present()
+  return False
 
 
 def applies() -> bool:
@@ -110,7 +99,8 @@ def applies() -> bool:
 
 def reexec_if_untuned(single_arena: bool = False) -> None:
   """Re-executes this process (same interpreter and argv) with the tunables
-  (and `arena_max=1` when `single_arena`, see `single_arena_helps`).
+  (and `arena_max=1` when `single_arena`; nothing in effdet_jax asks for it
+  any more, see the module docstring).
 
   Call it first thing, before JAX starts a backend; it returns without
   doing anything when the settings are in place, do not apply, or the
@@ -128,3 +118,16 @@ def reexec_if_untuned(single_arena: bool = False) -> None:
     [sys.executable, *argv[1:]],
     tuned_env(single_arena=single_arena),
   )
+
+
+def dispatch_inline() -> None:
+  """Runs one-device CPU computations on the calling thread, so XLA's
+  per-step buffers come from the main heap the tunables keep (see the
+  module docstring). Call it before JAX starts its CPU backend; a no-op
+  where the tunables do not apply. Multi-device computations keep
+  JAX's asynchronous dispatch (the flag does not cover them)."""
+  if not applies():
+    return
+  import jax  # noqa: PLC0415 - callers re-exec before importing JAX
+
+  jax.config.update('jax_cpu_enable_async_dispatch', False)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from effdet_jax import malloc_tuning
 
 _SCRIPT = """
@@ -65,28 +67,56 @@ def test_user_values_are_kept():
   )
 
 
-def test_single_arena_only_where_the_cpu_kernels_run():
-  """`arena_max=1` speeds up the f32 one-device step (compiled kernels)
-  and slows the jnp forms (bf16, meshes, kernels off): added only there."""
-  cpu = {'JAX_PLATFORMS': 'cpu'}
-  assert malloc_tuning.single_arena_helps('float32', cpu)
-  assert not malloc_tuning.single_arena_helps('bfloat16', cpu)
-  assert not malloc_tuning.single_arena_helps(
-    'float32', {**cpu, 'EFFDET_NATIVE_KERNELS': '0'}
-  )
-  assert not malloc_tuning.single_arena_helps(
-    'float32', {**cpu, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  )
-  assert malloc_tuning.single_arena_helps(
-    'float32', {**cpu, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-  )
-  assert not malloc_tuning.single_arena_helps(
-    'float32', {'JAX_PLATFORMS': 'tpu'}
-  )
+_FAULTS = """
+import resource, sys
+from effdet_jax import malloc_tuning
+if sys.argv[1] == 'inline':
+  malloc_tuning.dispatch_inline()
+import jax, jax.numpy as jnp
+
+@jax.jit
+def f(x, w1, w2):  # the 128 MiB `x @ w1` is a temporary XLA must allocate
+  return jnp.sum((x @ w1) @ w2)
+
+x = jnp.ones((4096, 256)); w1 = jnp.ones((256, 8192)); w2 = jnp.ones((8192, 1))
+f(x, w1, w2).block_until_ready()
+f(x, w1, w2).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+  f(x, w1, w2).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 6)
+"""
+
+
+def test_inline_dispatch_keeps_the_step_buffer_on_the_main_heap(tmp_path):
+  """With asynchronous dispatch a pool thread allocates XLA's temporary
+  buffer, from a thread arena that must `mmap` it afresh on every call
+  (page faults each time); run inline, it comes from the tuned main heap
+  and is reused."""
+  if not malloc_tuning.applies():
+    return
+  script = tmp_path / 'faults.py'
+  script.write_text(_FAULTS)
+  env = malloc_tuning.tuned_env()
+  faults = {}
+  for mode in ('async', 'inline'):
+    out = subprocess.run(
+      [sys.executable, str(script), mode],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    faults[mode] = float(out.stdout.split()[-1])
+  # 128 MiB is 64 transparent huge pages, or 32768 small ones.
+  assert faults['async'] >= 32, faults
+  assert faults['inline'] < faults['async'] / 4, faults
+
+
+def test_single_arena_helps_is_deprecated():
+  with pytest.warns(DeprecationWarning):
+    assert not malloc_tuning.single_arena_helps('float32')
   one = malloc_tuning.tuned_env({}, single_arena=True)['GLIBC_TUNABLES']
   many = malloc_tuning.tuned_env({})['GLIBC_TUNABLES']
   assert malloc_tuning.SINGLE_ARENA in one.split(':')
   assert 'arena_max' not in many
-  # A run tuned without the arena re-executes once more to add it.
-  assert not malloc_tuning.is_tuned({'GLIBC_TUNABLES': many}, single_arena=True)
-  assert malloc_tuning.is_tuned({'GLIBC_TUNABLES': one}, single_arena=True)

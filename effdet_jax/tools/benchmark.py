@@ -241,11 +241,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv):
   del argv
   config = _CONFIG.value
-  dtype = _DTYPE.value or config.model.dtype
-  # Before any JAX backend starts; the dtype decides the arena setting.
-  malloc_tuning.reexec_if_untuned(
-    single_arena=malloc_tuning.single_arena_helps(dtype)
-  )
+  # Both before any JAX backend starts.
+  malloc_tuning.reexec_if_untuned()
+  malloc_tuning.dispatch_inline()
   with config.unlocked():
     if _DTYPE.value:
       config.model.dtype = _DTYPE.value
