@@ -92,6 +92,43 @@ def test_max_pool_same_matches_tf(size):
   np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+@pytest.mark.parametrize(
+  'hw,window,stride',
+  [
+    ((5, 5), 3, 2),
+    ((7, 9), 3, 2),
+    ((1, 1), 3, 2),
+    ((64, 64), 3, 2),
+    ((9, 9), 4, 3),
+    ((4, 4), 1, 2),
+    ((5, 5), 3, 1),
+  ],
+)
+@pytest.mark.parametrize('ties', [False, True])
+def test_max_pool_same_gradient_matches_tf(hw, window, stride, ties):
+  """The tap form's VJP routes each output's gradient to the window's first
+  maximum (row-major), as TF's MaxPoolGrad does; rounded inputs make ties."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, *hw, 4)).astype(np.float32) - 10
+  if ties:
+    x = np.round(x)
+  out_hw = tuple(-(-n // stride) for n in hw)
+  g = rng.standard_normal((2, *out_hw, 4)).astype(np.float32)
+  ours, vjp = jax.vjp(
+    lambda v: layers.max_pool_same(v, window, stride), jnp.asarray(x)
+  )
+  xt = tf.constant(x)
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    ref = tf.nn.max_pool2d(xt, window, stride, 'SAME')
+  dref = tape.gradient(ref, xt, output_gradients=tf.constant(g)).numpy()
+  np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+  # Overlapping windows add in another order: equal to rounding.
+  np.testing.assert_allclose(
+    np.asarray(vjp(jnp.asarray(g))[0]), dref, rtol=0, atol=1e-6
+  )
+
+
 def test_drop_connect_is_per_sample_and_unbiased():
   x = jnp.ones((4000, 2, 2, 3))
   y = layers.drop_connect(x, 0.8, jax.random.PRNGKey(0))

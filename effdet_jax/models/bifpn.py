@@ -93,7 +93,10 @@ class ResampleFeatureMap(nn.Module):
       if not self.conv_after_downsample:
         x = self._maybe_1x1(x, train)
       sh, sw = (h - 1) // th + 1, (w - 1) // tw + 1
-      x = nn.max_pool(x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME')
+      if sh == sw:
+        x = layers.max_pool_same(x, sh + 1, sh)
+      else:
+        x = nn.max_pool(x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME')
       if self.conv_after_downsample:
         x = self._maybe_1x1(x, train)
     elif h <= th and w <= tw:

@@ -501,10 +501,77 @@ def drop_connect(x: Array, survival_prob: float, rng: Array | None) -> Array:
 
 
 def max_pool_same(x: Array, window: int, stride: int) -> Array:
-  """Max-pool with TF SAME padding (padded cells never win)."""
-  return nn.max_pool(
-    x, (window, window), strides=(stride, stride), padding='SAME'
-  )
+  """Max-pool with TF SAME padding (padded cells never win).
+
+  The max of the window's taps (plain slices, `_tap`), with a VJP that
+  routes each output's gradient to the first maximum in the window's
+  row-major order, as TF's MaxPoolGrad does. Autodiff of XLA's
+  reduce-window max goes through a variadic reduce-window that tracks
+  indices, which XLA:CPU ran at ~12 ms for one `[8, 64, 64, 64]` pool
+  (D0 train step: ~60 ms of pooling, forward + backward).
+  """
+  if x.shape[1] < 1 or x.shape[2] < 1:
+    raise ValueError(f'cannot max-pool an empty input {x.shape}')
+  return _max_pool_taps(x, window, stride)
+
+
+def _pool_taps(x, window, stride):
+  """The window's taps of the -inf padded x, row-major, each `[B, oh, ow,
+  C]`."""
+  lowest = jnp.array(-jnp.inf, x.dtype)
+  (pt, pb), (pl, pr) = _pads(x.shape, (window, window), stride)
+  pb += (-(x.shape[1] + pt + pb)) % stride
+  pr += (-(x.shape[2] + pl + pr)) % stride
+  xp = lax.pad(x, lowest, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+  size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  return [
+    _tap(xp, i, j, size, stride) for i in range(window) for j in range(window)
+  ]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool_taps(x: Array, window: int, stride: int) -> Array:
+  return functools.reduce(jnp.maximum, _pool_taps(x, window, stride))
+
+
+def _max_pool_fwd(x, window, stride):
+  out = _max_pool_taps(x, window, stride)
+  return out, (x, out)
+
+
+def _max_pool_bwd(window, stride, res, g):
+  x, out = res
+  taps = _pool_taps(x, window, stride)
+  # Index of the first tap equal to the max (a NaN output matches no tap
+  # and gets no gradient, as in TF).
+  first = jnp.full(out.shape, len(taps), jnp.int32)
+  for t in reversed(range(len(taps))):
+    first = jnp.where(taps[t] == out, t, first)
+  # dx[q] = sum over taps (i, j) of g[o] where q = o * stride + (i, j) and
+  # first[o] is that tap: with g and `first` zero-dilated by the stride,
+  # each tap is a plain shifted slice, and XLA fuses the sum into one loop.
+  (pt, _), (pl, _) = _pads(x.shape, (window, window), stride)
+  h, w = x.shape[1:3]
+  oh, ow = out.shape[1:3]
+  k1, s1 = window - 1, stride - 1
+  # High padding so every input row/column has a full set of taps.
+  hi_h = k1 + max(0, pt + h - ((oh - 1) * stride + window))
+  hi_w = k1 + max(0, pl + w - ((ow - 1) * stride + window))
+  dims = ((0, 0, 0), (k1, hi_h, s1), (k1, hi_w, s1), (0, 0, 0))
+  gd = lax.pad(g, jnp.zeros((), g.dtype), dims)
+  fd = lax.pad(first, jnp.int32(-1), dims)
+  dx = None
+  for i in range(window):
+    for j in range(window):
+      start = (0, pt + k1 - i, pl + k1 - j, 0)
+      stop = (x.shape[0], start[1] + h, start[2] + w, x.shape[3])
+      hit = lax.slice(fd, start, stop) == i * window + j
+      term = jnp.where(hit, lax.slice(gd, start, stop), 0)
+      dx = term if dx is None else dx + term
+  return (dx.astype(x.dtype),)
+
+
+_max_pool_taps.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def resize_nearest_legacy(x: Array, out_h: int, out_w: int) -> Array:
