@@ -15,7 +15,10 @@ form instead stores and re-reads half a dozen full-size intermediates (the
 focal loss of D0 at 512 is 4.4M elements per image; profiling the train step
 on XLA:CPU put ~40 % of its time there). Labels are built in the fusion
 from class ids (no one-hot tensor), and levels are not concatenated (the
-gradient of a concatenation is a copy per level).
+gradient of a concatenation is a copy per level). XLA:CPU (jaxlib 0.10)
+still splits each pass into four or five fusions, one full-size array
+each, because it does not fuse an exp or log that has several users; a
+compiled kernel is the next step (README Roadmap).
 """
 
 from __future__ import annotations
