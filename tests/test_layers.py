@@ -175,3 +175,32 @@ def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
 
   assert 'all-gather' not in hlo('lax')
   assert 'all-gather' in hlo('shift')
+
+
+def test_max_pool_keeps_a_spatial_split_with_lax_impl():
+  """As for the stem: the BiFPN's pool follows `depthwise_impl`, and 'lax'
+  (XLA's reduce-window) keeps the H split of a 64-row map whose padded
+  height (65 + 1 = 66 rows -> 33 x 2) the tap form's view would gather.
+  Both forms give the same values."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+  mesh = jax.make_mesh(
+    (2,), ('spatial',), axis_types=(AxisType.Auto,), devices=jax.devices()[:2]
+  )
+  x = jax.ShapeDtypeStruct(
+    (1, 64, 64, 8),
+    jnp.float32,
+    sharding=NamedSharding(mesh, PartitionSpec(None, 'spatial')),
+  )
+
+  def hlo(impl):
+    fn = jax.jit(jax.grad(lambda v: layers.max_pool_same(v, 3, 2, impl).sum()))
+    return fn.lower(x).compile().as_text()
+
+  assert 'all-gather' not in hlo('lax')
+  assert 'all-gather' in hlo('shift')
+  v = jax.random.normal(jax.random.PRNGKey(0), (1, 64, 64, 8))
+  np.testing.assert_array_equal(
+    np.asarray(layers.max_pool_same(v, 3, 2, 'lax')),
+    np.asarray(layers.max_pool_same(v, 3, 2, 'shift')),
+  )

@@ -67,6 +67,7 @@ class ResampleFeatureMap(nn.Module):
   apply_bn: bool = True
   conv_after_downsample: bool = False
   dtype: Any = jnp.float32
+  depthwise_impl: str = 'auto'
 
   def _maybe_1x1(self, x: Array, train: bool) -> Array:
     if x.shape[-1] == self.num_filters:
@@ -94,7 +95,7 @@ class ResampleFeatureMap(nn.Module):
         x = self._maybe_1x1(x, train)
       sh, sw = (h - 1) // th + 1, (w - 1) // tw + 1
       if sh == sw:
-        x = layers.max_pool_same(x, sh + 1, sh)
+        x = layers.max_pool_same(x, sh + 1, sh, self.depthwise_impl)
       else:
         x = nn.max_pool(x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME')
       if self.conv_after_downsample:
@@ -181,6 +182,7 @@ class FNode(nn.Module):
           self.apply_bn_for_resampling,
           self.conv_after_downsample,
           self.dtype,
+          self.depthwise_impl,
           name=f'resample_{pos}_{fid}_{self.node_id}',
         )(feats[fid], target_hw, train)
       )

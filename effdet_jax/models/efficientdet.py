@@ -93,6 +93,7 @@ class EfficientDet(nn.Module):
           self.apply_bn_for_resampling,
           self.conv_after_downsample,
           self.dtype,
+          self.depthwise_impl,
           name=f'resample_p{lvl}',
         )(prev, target, train)
       )

@@ -500,18 +500,30 @@ def drop_connect(x: Array, survival_prob: float, rng: Array | None) -> Array:
 # Resizing used by the BiFPN.
 
 
-def max_pool_same(x: Array, window: int, stride: int) -> Array:
+def max_pool_same(
+  x: Array, window: int, stride: int, impl: str = 'auto'
+) -> Array:
   """Max-pool with TF SAME padding (padded cells never win).
 
-  The max of the window's taps (plain slices, `_tap`), with a VJP that
-  routes each output's gradient to the first maximum in the window's
-  row-major order, as TF's MaxPoolGrad does. Autodiff of XLA's
-  reduce-window max goes through a variadic reduce-window that tracks
-  indices, which XLA:CPU ran at ~12 ms for one `[8, 64, 64, 64]` pool
-  (D0 train step: ~60 ms of pooling, forward + backward).
+  Where the depthwise form is a CPU one (`impl` follows the model's
+  `depthwise_impl`), the max of the window's taps (plain slices, `_tap`),
+  with a VJP that routes each output's gradient to the first maximum in
+  the window's row-major order, as TF's MaxPoolGrad does: autodiff of
+  XLA's reduce-window max goes through a variadic reduce-window that
+  tracks indices, which XLA:CPU ran at ~12 ms for one `[8, 64, 64, 64]`
+  pool (D0 train step: ~60 ms of pooling, forward + backward). 'lax'
+  (TPUs, GPUs, `plan_memory`) keeps XLA's reduce-window, whose H split
+  GSPMD keeps on a `spatial` mesh; the taps' stride view of an odd padded
+  height makes it gather (as for the stem, `_use_im2col`).
   """
   if x.shape[1] < 1 or x.shape[2] < 1:
     raise ValueError(f'cannot max-pool an empty input {x.shape}')
+  if impl == 'auto':
+    impl = _default_depthwise_impl()
+  if impl not in ('shift', 'native'):
+    return nn.max_pool(
+      x, (window, window), strides=(stride, stride), padding='SAME'
+    )
   return _max_pool_taps(x, window, stride)
 
 
