@@ -151,21 +151,26 @@ def test_activations():
     layers.activation('gelu_typo')
 
 
-def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
-  """On a `spatial` mesh the stem must not gather the image: XLA's conv
-  keeps the H split (the 'lax' form, what TPUs run and plan_memory
-  compiles), while the CPU im2col form's stride-2 view of an odd padded
-  height (64 + 1 + 1 = 66 rows -> 33 x 2) makes GSPMD gather it."""
+def _split_over_two_devices_by_height(shape):
+  """An f32 input spec whose H is split over a 2-device `spatial` mesh."""
   from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
   mesh = jax.make_mesh(
     (2,), ('spatial',), axis_types=(AxisType.Auto,), devices=jax.devices()[:2]
   )
-  x = jax.ShapeDtypeStruct(
-    (1, 64, 64, 3),
+  return jax.ShapeDtypeStruct(
+    shape,
     jnp.float32,
     sharding=NamedSharding(mesh, PartitionSpec(None, 'spatial')),
   )
+
+
+def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
+  """On a `spatial` mesh the stem must not gather the image: XLA's conv
+  keeps the H split (the 'lax' form, what TPUs run and plan_memory
+  compiles), while the CPU im2col form's stride-2 view of an odd padded
+  height (64 + 1 + 1 = 66 rows -> 33 x 2) makes GSPMD gather it."""
+  x = _split_over_two_devices_by_height((1, 64, 64, 3))
 
   def hlo(impl):
     conv = layers.Conv(8, 3, 2, use_bias=False, impl=impl)
@@ -182,16 +187,7 @@ def test_max_pool_keeps_a_spatial_split_with_lax_impl():
   (XLA's reduce-window) keeps the H split of a 64-row map whose padded
   height (65 + 1 = 66 rows -> 33 x 2) the tap form's view would gather.
   Both forms give the same values."""
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec
-
-  mesh = jax.make_mesh(
-    (2,), ('spatial',), axis_types=(AxisType.Auto,), devices=jax.devices()[:2]
-  )
-  x = jax.ShapeDtypeStruct(
-    (1, 64, 64, 8),
-    jnp.float32,
-    sharding=NamedSharding(mesh, PartitionSpec(None, 'spatial')),
-  )
+  x = _split_over_two_devices_by_height((1, 64, 64, 8))
 
   def hlo(impl):
     fn = jax.jit(jax.grad(lambda v: layers.max_pool_same(v, 3, 2, impl).sum()))

@@ -223,16 +223,16 @@ def _pads(x_shape, kernel_shape, stride):
   return same_padding(h, kh, stride), same_padding(w, kw, stride)
 
 
-def _pad_for_taps(x, kernel_shape, stride):
+def _pad_for_taps(x, kernel_shape, stride, value=0):
   """(TF-SAME padded x, output size) for `_tap` windows of `x`.
 
-  Extra zero rows/cols (never read) make the padded dims multiples of
-  the stride, for the reshaped view of `_tap`.
+  Extra rows/cols (never read) make the padded dims multiples of the
+  stride, for the reshaped view of `_tap`; all padding is `value`.
   """
   pad_h, pad_w = _pads(x.shape, kernel_shape, stride)
   pad_h = (pad_h[0], pad_h[1] + (-(x.shape[1] + sum(pad_h))) % stride)
   pad_w = (pad_w[0], pad_w[1] + (-(x.shape[2] + sum(pad_w))) % stride)
-  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), constant_values=value)
   size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
   return xp, size
 
@@ -530,12 +530,7 @@ def max_pool_same(
 def _pool_taps(x, window, stride):
   """The window's taps of the -inf padded x, row-major, each `[B, oh, ow,
   C]`."""
-  lowest = jnp.array(-jnp.inf, x.dtype)
-  (pt, pb), (pl, pr) = _pads(x.shape, (window, window), stride)
-  pb += (-(x.shape[1] + pt + pb)) % stride
-  pr += (-(x.shape[2] + pl + pr)) % stride
-  xp = lax.pad(x, lowest, ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
-  size = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  xp, size = _pad_for_taps(x, (window, window), stride, -jnp.inf)
   return [
     _tap(xp, i, j, size, stride) for i in range(window) for j in range(window)
   ]
