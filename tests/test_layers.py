@@ -39,6 +39,34 @@ def test_depthwise_gradients_agree(stride):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('size', [(4, 5), (32, 40)])
+def test_gated_pointwise_equals_gating_first_and_its_gradients(size):
+  """Squeeze-excitation's gate folded into the 1x1 kernel (per image) is
+  gate * x, then the conv: values and all three gradients. (4, 5) takes
+  the small-image path, (32, 40) the folded one."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((3, *size, 6)).astype(np.float32)
+  gate = rng.uniform(0, 1, (3, 6)).astype(np.float32)
+  k = rng.standard_normal((6, 4)).astype(np.float32)
+  w = rng.standard_normal((3, *size, 4)).astype(np.float32)
+  gated_first = lambda x, g, k: jnp.einsum(
+    'bhwc,cd->bhwd', g[:, None, None] * x, k
+  )
+  np.testing.assert_allclose(
+    layers.pointwise_gated(x, gate, k),
+    gated_first(x, gate, k),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(
+    x, gate, k
+  )
+  for a, b in zip(
+    grads(layers.pointwise_gated), grads(gated_first), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('size', [(9, 9), (8, 8), (7, 10), (1, 2)])
 @pytest.mark.parametrize('stride', [1, 2])
 def test_im2col_conv_equals_tf_conv_and_its_gradient(size, stride):

@@ -188,14 +188,17 @@ class MBConvBlock(nn.Module):
       name='depthwise_conv2d',
     )(x)
     x = bn(self.act)(x)
+    gate = None
     if a.se_ratio is not None and 0 < a.se_ratio <= 1:
-      x = SqueezeExcite(
+      # The gate goes into the projection's kernel (`layers.pointwise_gated`).
+      gate = SqueezeExcite(
         max(1, int(a.input_filters * a.se_ratio)),
         self.act,
         self.dtype,
+        output='gate',
         name='se',
       )(x)
-    x = conv(a.output_filters, next(conv_names))(x)
+    x = conv(a.output_filters, next(conv_names))(x, gate)
     x = bn()(x)
     if a.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
       rng = (
@@ -208,11 +211,17 @@ class MBConvBlock(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-  """SE: mean over H, W -> 1x1 (bias) -> act -> 1x1 (bias) -> sigmoid gate."""
+  """SE: mean over H, W -> 1x1 (bias) -> act -> 1x1 (bias) -> sigmoid gate.
+
+  Attributes:
+    output: 'gated' returns gate * x; 'gate' returns the gate `[B, C]` for
+      the next 1x1 conv to fold into its kernel (`Conv(x, gate)`).
+  """
 
   reduced: int
   act: Any
   dtype: Any = jnp.float32
+  output: str = 'gated'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -228,6 +237,12 @@ class SqueezeExcite(nn.Module):
     )
     s = mk(self.reduced, 'conv2d')(s.astype(self.dtype))
     s = mk(x.shape[-1], 'conv2d_1')(self.act(s))
+    if self.output == 'gate':
+      return jax.nn.sigmoid(s)[:, 0, 0, :]
+    if self.output != 'gated':
+      raise ValueError(
+        f"SqueezeExcite.output: 'gated' or 'gate', not {self.output!r}"
+      )
     return jax.nn.sigmoid(s) * x
 
 

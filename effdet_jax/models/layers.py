@@ -321,6 +321,60 @@ def _pointwise_bwd(res, dy):
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+# Below this many pixels per image the gated activation is small and one
+# shared kernel beats B per-image products (measured at batch 8: equal at
+# 16x16, the folded form up to 10 % slower at 16x16x1152 -> 320).
+_GATE_FOLD_MIN_PIXELS = 32 * 32
+
+
+def pointwise_gated(x: Array, gate: Array, kernel: Array) -> Array:
+  """`pointwise(gate[:, None, None, :] * x, kernel)`, `gate` `[B, C]`.
+
+  Where the image is large the per-image channel gate (squeeze-excitation's
+  sigmoid) is folded into a per-image kernel `[B, C, D]`, tiny next to the
+  activation: the gated activation is never written, nor read back by the
+  matrix product, nor differentiated elementwise. Measured on XLA:CPU at
+  batch 8, forward + backward: 36 -> 19 ms at 256x256x32 -> 16, 27 -> 11
+  ms at 64x64x240 -> 40. Equal to the product form up to float rounding.
+  """
+  if x.shape[1] * x.shape[2] < _GATE_FOLD_MIN_PIXELS:
+    return pointwise(gate[:, None, None, :] * x, kernel)
+  return _pointwise_gated_folded(x, gate, kernel)
+
+
+@jax.custom_vjp
+def _pointwise_gated_folded(x: Array, gate: Array, kernel: Array) -> Array:
+  return jnp.einsum('bhwc,bcd->bhwd', x, _gated_kernel(gate, kernel))
+
+
+def _gated_kernel(gate: Array, kernel: Array) -> Array:
+  return gate[:, :, None] * kernel[None]
+
+
+def _pointwise_gated_fwd(x, gate, kernel):
+  return _pointwise_gated_folded(x, gate, kernel), (x, gate, kernel)
+
+
+def _pointwise_gated_bwd(res, dy):
+  x, gate, kernel = res
+  b, c, d = x.shape[0], x.shape[-1], dy.shape[-1]
+  dx = jnp.einsum('bhwd,bcd->bhwc', dy, _gated_kernel(gate, kernel))
+  # Per-image kernel gradient, the same products as the ungated one's.
+  dkb = jnp.einsum(
+    'bnc,bnd->bcd', x.reshape(b, -1, c), dy.reshape(b, -1, d)
+  ).astype(jnp.float32)
+  dkernel = jnp.einsum('bc,bcd->cd', gate.astype(jnp.float32), dkb)
+  dgate = jnp.einsum('bcd,cd->bc', dkb, kernel.astype(jnp.float32))
+  return (
+    dx.astype(x.dtype),
+    dgate.astype(gate.dtype),
+    dkernel.astype(kernel.dtype),
+  )
+
+
+_pointwise_gated_folded.defvjp(_pointwise_gated_fwd, _pointwise_gated_bwd)
+
+
 class DepthwiseConv(nn.Module):
   """k x k depthwise conv (multiplier 1), TF SAME, no bias.
 
@@ -397,7 +451,8 @@ class Conv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, gate: Array | None = None) -> Array:
+    """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first."""
     k = self.kernel_size
     kernel = self.param(
       'kernel',
@@ -407,7 +462,11 @@ class Conv(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if k == 1 and self.stride == 1:
+    if gate is not None:
+      if k != 1 or self.stride != 1:
+        raise ValueError('Conv: a gate needs a 1x1 stride-1 conv')
+      y = pointwise_gated(x, gate.astype(self.dtype), kernel[0, 0])
+    elif k == 1 and self.stride == 1:
       y = pointwise(x, kernel[0, 0])
     elif _use_im2col(k, x.shape[-1], self.impl):
       y = conv_im2col(x, kernel, self.stride)
