@@ -3,7 +3,9 @@
 `effdet_jax/kernels/*.cc` are built with the system C++ compiler on first
 use. The facts relied on: depthwise conv with TF SAME padding (pad before
 = total // 2), and Keras BN in training mode (batch statistics with the
-fast variance E[x^2] - E[x]^2, then the activation), with their gradients.
+fast variance E[x^2] - E[x]^2, then the activation), with their gradients;
+the summed sigmoid focal loss of one level (fact sheet §6.2) and its
+gradient.
 """
 
 import os
@@ -16,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from effdet_jax.kernels import cpu_library, native_batch_norm
+from effdet_jax.detection import focal
+from effdet_jax.kernels import cpu_library, native_batch_norm, native_focal
 from effdet_jax.models import batch_norm as bn_lib
 from effdet_jax.models import layers
 
@@ -146,6 +149,43 @@ def test_unknown_activation_uses_jnp():
   with cpu_library.forced(True):
     assert not native_batch_norm.supports(jnp.float32, jnp.tanh)
     assert not native_batch_norm.supports(jnp.bfloat16, None)
+
+
+@pytest.mark.parametrize(
+  'num_classes,anchors', [(90, 9), (3, 2), (16, 1), (21, 3)]
+)
+@pytest.mark.parametrize('gamma', [1.5, 2.0])
+def test_focal_loss_matches_jnp(num_classes, anchors, gamma):
+  """Loss and gradient, with class ids for background (-1), ignored (-2)
+  and every class; 90 classes = five 16-blocks and a padded 8-block tail,
+  3 a tail only. Logits from -90 to 90 reach both exp clamps."""
+  rng = np.random.default_rng(0)
+  shape = (2, 5, 4, anchors * num_classes)
+  x = (rng.standard_normal(shape) * 6).astype(np.float32)
+  x.reshape(-1)[:8] = [-90, -30, -1e-7, 0, 1e-7, 17, 40, 90]
+  ids = rng.integers(-2, num_classes, (2, 5 * 4 * anchors)).astype(np.int32)
+  cot = 0.37
+
+  def run(fn):
+    loss = lambda x: cot * fn(x, ids, num_classes, 0.25, gamma)
+    return jax.jit(jax.value_and_grad(loss))(x)
+
+  with cpu_library.forced(True):
+    assert native_focal.supports(jnp.float32)
+    native = run(native_focal.focal_loss_sum)
+    dispatched = run(focal.focal_loss_sum)
+  ref = run(focal.focal_loss_sum_jnp)
+  for out in (native, dispatched):
+    assert _rel(out[0], ref[0]) < 1e-5
+    np.testing.assert_allclose(out[1], ref[1], rtol=2e-5, atol=1e-7)
+
+
+def test_focal_loss_is_deterministic_and_propagates_nan():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 9 * 90)) * 3
+  ids = jax.random.randint(jax.random.key(1), (4, 8 * 8 * 9), -1, 90)
+  f = jax.jit(lambda x: native_focal.focal_loss_sum(x, ids, 90, 0.25, 1.5))
+  assert np.asarray(f(x)).tobytes() == np.asarray(f(x)).tobytes()
+  assert np.isnan(float(f(x.at[1, 2, 3, 4].set(jnp.nan))))
 
 
 def test_model_train_mode_gradients_match_jnp_forms():

@@ -28,6 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from effdet_jax.kernels import native_focal
+
 Array = jax.Array
 
 
@@ -46,7 +48,6 @@ def _terms(logits, cls_ids, num_classes, alpha, gamma):
   return alpha_t, sign, sp, mod, log_s
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def focal_loss_sum(
   logits: Array,
   cls_ids: Array,
@@ -65,6 +66,16 @@ def focal_loss_sum(
   Returns:
     A float32 scalar.
   """
+  if native_focal.supports(logits.dtype):
+    return native_focal.focal_loss_sum(
+      logits, cls_ids, num_classes, alpha, gamma
+    )
+  return focal_loss_sum_jnp(logits, cls_ids, num_classes, alpha, gamma)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def focal_loss_sum_jnp(logits, cls_ids, num_classes, alpha, gamma):
+  """`focal_loss_sum` in jnp (any backend, any dtype)."""
   alpha_t, _, sp, mod, _ = _terms(logits, cls_ids, num_classes, alpha, gamma)
   return jnp.sum(alpha_t * mod * sp)
 
@@ -87,4 +98,4 @@ def _bwd(num_classes, alpha, gamma, res, g):
   return dx, zero
 
 
-focal_loss_sum.defvjp(_fwd, _bwd)
+focal_loss_sum_jnp.defvjp(_fwd, _bwd)

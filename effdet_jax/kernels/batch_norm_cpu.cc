@@ -33,28 +33,7 @@ using effdet::V8;
 
 enum Act : int64_t { kNone = 0, kSwish = 1, kRelu = 2, kRelu6 = 3 };
 
-// exp for vectors (Cephes expf: range reduction by ln 2, degree-5
-// polynomial, 2^n from the exponent bits; ~1 ulp). NaN stays NaN.
-template <typename V, typename I>
-inline V ExpV(V x) {
-  x = x > 88.f ? Splat<V>(88.f) : x;
-  x = x < -87.f ? Splat<V>(-87.f) : x;
-  const V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  V r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  V p = Splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  V scale;
-  __builtin_memcpy(&scale, &bits, sizeof(V));
-  return p * scale;
-}
-
+using effdet::ExpV;
 inline V16 Exp(V16 x) { return ExpV<V16, I16>(x); }
 inline V8 Exp(V8 x) { return ExpV<V8, I8>(x); }
 inline float Exp(float x) { return std::exp(x); }

@@ -106,6 +106,50 @@ inline V Splat(float a) {
   return V{} + a;
 }
 
+// exp for vectors (Cephes expf: range reduction by ln 2, degree-5
+// polynomial, 2^n from the exponent bits; ~1 ulp). NaN stays NaN.
+template <typename V, typename I>
+inline V ExpV(V x) {
+  x = x > 88.f ? Splat<V>(88.f) : x;
+  x = x < -87.f ? Splat<V>(-87.f) : x;
+  const V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  V r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  V p = Splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(V));
+  return p * scale;
+}
+
+
+// log for vectors, x in [1, 2] only (Cephes logf: x = 2^k m with m in
+// [sqrt(1/2), sqrt(2)), a degree-8 polynomial in m - 1; ~1 ulp).
+template <typename V>
+inline V LogOneToTwo(V x) {
+  const auto high = x > 1.41421356237f;
+  const V k = high ? Splat<V>(1.f) : Splat<V>(0.f);
+  const V m = (high ? x * 0.5f : x) - 1.f;
+  const V z = m * m;
+  V p = Splat<V>(7.0376836292e-2f);
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  V y = p * m * z + k * -2.12194440e-4f - 0.5f * z;
+  return m + y + k * 0.693359375f;
+}
+
 }  // namespace effdet
 
 #endif  // EFFDET_JAX_KERNELS_CPU_COMMON_H_

@@ -33,6 +33,7 @@ TARGETS = (
   'EffdetDepthwiseKernelGrad',
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
+  'EffdetFocalLoss',
 )
 
 
