@@ -63,11 +63,11 @@ def _fwd(x, scale, bias, epsilon, act):
   if native_batch_norm.supports(x.dtype, act):
     y, mean, var = native_batch_norm.forward(x, scale, bias, epsilon, act)
     rstd = lax.rsqrt(var + epsilon)
-    return (y, mean, var), (x, mean, rstd, scale, bias)
-  mean, var = _moments(x)
-  rstd = lax.rsqrt(var + epsilon)
-  z = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
-  y = _apply(act, z).astype(x.dtype)
+  else:
+    mean, var = _moments(x)
+    rstd = lax.rsqrt(var + epsilon)
+    z = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
+    y = _apply(act, z).astype(x.dtype)
   return (y, mean, var), (x, mean, rstd, scale, bias)
 
 

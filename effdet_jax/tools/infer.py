@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api, inference
+from effdet_jax import api, inference, malloc_tuning
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Run config (class names, NMS method); optional.'
@@ -209,6 +209,9 @@ def main(argv):
   for flag in (_CHECKPOINT, _INPUT, _OUTPUT):
     if not flag.value:
       raise app.UsageError(f'--{flag.name} is required')
+  # Both before any JAX backend starts (as effdet_jax.main does).
+  malloc_tuning.reexec_if_untuned()
+  malloc_tuning.dispatch_inline()
   config = _CONFIG.value
   loaded = api.load(_CHECKPOINT.value)
   nms_method = config.eval.nms_method if config is not None else 'gaussian'
