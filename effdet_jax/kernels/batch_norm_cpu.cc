@@ -31,28 +31,14 @@ using effdet::Store;
 using effdet::V16;
 using effdet::V8;
 
-enum Act : int64_t { kNone = 0, kSwish = 1, kRelu = 2, kRelu6 = 3 };
 
-using effdet::ExpV;
-inline V16 Exp(V16 x) { return ExpV<V16, I16>(x); }
-inline V8 Exp(V8 x) { return ExpV<V8, I8>(x); }
-inline float Exp(float x) { return std::exp(x); }
-
-template <typename V>
-inline V Sigmoid(V z) {
-  return 1.f / (1.f + Exp(-z));
-}
-
-template <int A, typename V>
-inline V Activate(V z) {
-  if constexpr (A == kSwish) return z * Sigmoid(z);
-  if constexpr (A == kRelu) return z < 0.f ? Splat<V>(0.f) : z;
-  if constexpr (A == kRelu6) {
-    z = z < 0.f ? Splat<V>(0.f) : z;
-    return z > 6.f ? Splat<V>(6.f) : z;
-  }
-  return z;
-}
+using effdet::Activate;
+using effdet::Exp;
+using effdet::kNone;
+using effdet::kRelu;
+using effdet::kRelu6;
+using effdet::kSwish;
+using effdet::Sigmoid;
 
 // dy * act'(z).
 template <int A, typename V>

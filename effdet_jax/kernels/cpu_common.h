@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstdint>
 #include <functional>
@@ -148,6 +149,30 @@ inline V LogOneToTwo(V x) {
   p = p * m + 3.3333331174e-1f;
   V y = p * m * z + k * -2.12194440e-4f - 0.5f * z;
   return m + y + k * 0.693359375f;
+}
+
+
+// Activation codes shared by the kernels and their Python wrappers.
+enum Act : int64_t { kNone = 0, kSwish = 1, kRelu = 2, kRelu6 = 3 };
+
+inline V16 Exp(V16 x) { return ExpV<V16, I16>(x); }
+inline V8 Exp(V8 x) { return ExpV<V8, I8>(x); }
+inline float Exp(float x) { return std::exp(x); }
+
+template <typename V>
+inline V Sigmoid(V z) {
+  return 1.f / (1.f + Exp(-z));
+}
+
+template <int A, typename V>
+inline V Activate(V z) {
+  if constexpr (A == kSwish) return z * Sigmoid(z);
+  if constexpr (A == kRelu) return z < 0.f ? Splat<V>(0.f) : z;
+  if constexpr (A == kRelu6) {
+    z = z < 0.f ? Splat<V>(0.f) : z;
+    return z > 6.f ? Splat<V>(6.f) : z;
+  }
+  return z;
 }
 
 }  // namespace effdet

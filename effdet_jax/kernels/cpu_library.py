@@ -31,6 +31,7 @@ TARGETS = (
   'EffdetDepthwiseForward',
   'EffdetDepthwiseInputGrad',
   'EffdetDepthwiseKernelGrad',
+  'EffdetDepthwiseForwardAffineAct',
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
   'EffdetFocalLoss',
@@ -119,14 +120,19 @@ def forced(on: bool = True):
   """Within the block, `enabled()` is `on` (if the kernels are built).
 
   For tests and benchmarks that run one-device computations in a process
-  with several (emulated) devices.
+  with several (emulated) devices. The choice is made when a function is
+  traced, and JAX's caches do not know of it: they are cleared on entry
+  and exit, so a jitted function traced outside the block is traced again
+  inside it (and the other way round).
   """
   global _FORCED
   before, _FORCED = _FORCED, on
+  jax.clear_caches()
   try:
     yield
   finally:
     _FORCED = before
+    jax.clear_caches()
 
 
 def enabled() -> bool:

@@ -74,17 +74,30 @@ Taps InputTaps(int64_t in, int64_t k, int64_t stride, int64_t pad,
   return t;
 }
 
+// Per-channel act(y * scale + shift) applied as outputs are stored (the
+// inference BN + activation after a depthwise layer); A < 0: none.
+struct Epilogue {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
+
 // One output row: y[o, :, cb:cb+L] for every L-block of channels from cb.
 // `rows[i]` is the input row read by tap row i (-1 outside).
-template <int K, typename V, int L>
+template <int K, typename V, int L, int A = -1>
 int64_t ForwardBlocks(const float* __restrict x, const float* __restrict k,
                       float* __restrict y, const Geometry& g,
-                      const int64_t* rows, const Taps& taps, int64_t cb) {
+                      const int64_t* rows, const Taps& taps, int64_t cb,
+                      const Epilogue& epi = Epilogue{}) {
   const int64_t c = g.c;
   for (; cb + L <= c; cb += L) {
     V kr[K * K];
 #pragma GCC unroll 32
     for (int t = 0; t < K * K; ++t) kr[t] = Load<V>(k + t * c + cb);
+    V sc{}, sh{};
+    if constexpr (A >= 0) {
+      sc = Load<V>(epi.scale + cb);
+      sh = Load<V>(epi.shift + cb);
+    }
     for (int64_t op = 0; op < g.wo; ++op) {
       const int64_t* col = &taps.col[op * K];
       V acc = effdet::Splat<V>(0.f);
@@ -98,24 +111,26 @@ int64_t ForwardBlocks(const float* __restrict x, const float* __restrict k,
           acc += Load<V>(xr + col[j] * c) * kr[i * K + j];
         }
       }
+      if constexpr (A >= 0) acc = effdet::Activate<A>(acc * sc + sh);
       Store<V>(y + op * c + cb, acc);
     }
   }
   return cb;
 }
 
-template <int K>
+template <int K, int A = -1>
 void ForwardRow(const float* x, const float* k, float* y, const Geometry& g,
-                const Taps& taps, int64_t n, int64_t o) {
+                const Taps& taps, int64_t n, int64_t o,
+                const Epilogue& epi = Epilogue{}) {
   int64_t rows[K];
   for (int i = 0; i < K; ++i) {
     const int64_t r = o * g.stride + i - g.pad_top;
     rows[i] = (r >= 0 && r < g.h) ? n * g.h + r : -1;
   }
   float* yr = y + (n * g.ho + o) * g.wo * g.c;
-  int64_t cb = ForwardBlocks<K, V16, 16>(x, k, yr, g, rows, taps, 0);
-  cb = ForwardBlocks<K, V8, 8>(x, k, yr, g, rows, taps, cb);
-  ForwardBlocks<K, float, 1>(x, k, yr, g, rows, taps, cb);
+  int64_t cb = ForwardBlocks<K, V16, 16, A>(x, k, yr, g, rows, taps, 0, epi);
+  cb = ForwardBlocks<K, V8, 8, A>(x, k, yr, g, rows, taps, cb, epi);
+  ForwardBlocks<K, float, 1, A>(x, k, yr, g, rows, taps, cb, epi);
 }
 
 // dx[r, :, :] for one input row: the taps (i, j) that read input (r, q)
@@ -251,6 +266,42 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Forward with the per-channel affine + activation epilogue (inference).
+ffi::Error ForwardAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> kernel,
+                            ffi::Buffer<ffi::F32> scale,
+                            ffi::Buffer<ffi::F32> shift,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                            int64_t pad_top, int64_t pad_left, int64_t act) {
+  const int64_t k = kernel.dimensions()[0];
+  if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
+  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), k, stride,
+                                  pad_top, pad_left);
+  if (scale.element_count() != g.c || shift.element_count() != g.c) {
+    return ffi::Error::InvalidArgument("depthwise epilogue: one per channel");
+  }
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  const Epilogue epi{scale.typed_data(), shift.typed_data()};
+  const Taps taps = ForwardTaps(g.wo, k, stride, pad_left, g.w);
+  auto run = [&]<int A>() {
+    WithK(k, [&](auto K) {
+      ForRows(pool, g.n, g.ho, [&](int64_t n, int64_t o) {
+        ForwardRow<K(), A>(xp, kp, yp, g, taps, n, o, epi);
+      });
+    });
+  };
+  switch (act) {
+    case effdet::kNone: run.template operator()<effdet::kNone>(); break;
+    case effdet::kSwish: run.template operator()<effdet::kSwish>(); break;
+    case effdet::kRelu: run.template operator()<effdet::kRelu>(); break;
+    case effdet::kRelu6: run.template operator()<effdet::kRelu6>(); break;
+    default: return ffi::Error::InvalidArgument("unknown activation");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                      ffi::Buffer<ffi::F32> kernel,
                      ffi::ResultBuffer<ffi::F32> dx, int64_t stride,
@@ -321,3 +372,17 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 EFFDET_DEPTHWISE_BINDING(EffdetDepthwiseForward, Forward, x, kernel)
 EFFDET_DEPTHWISE_BINDING(EffdetDepthwiseInputGrad, InputGrad, dy, kernel)
 EFFDET_DEPTHWISE_BINDING(EffdetDepthwiseKernelGrad, KernelGrad, x, dy)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseForwardAffineAct,
+                              ForwardAffineAct,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("act"));

@@ -40,9 +40,7 @@ struct Constants {
   float alpha, gamma;
 };
 
-// Vector ops with scalar twins, so one template serves the channel tail.
-inline V16 Exp(V16 x) { return effdet::ExpV<V16, I16>(x); }
-inline V8 Exp(V8 x) { return effdet::ExpV<V8, I8>(x); }
+using effdet::Exp;
 
 // log1p(e) for e in (0, 1], given r = 1 / (1 + e): log of the rounded
 // u = 1 + e, plus the first-order correction for the rounding, (e - (u -

@@ -79,3 +79,56 @@ def _bwd(stride, pads, out_hw, res, dy):
 
 
 depthwise.defvjp(_fwd, _bwd)
+
+
+def _act_code(act) -> int | None:
+  from effdet_jax.kernels import native_batch_norm  # noqa: PLC0415
+
+  return native_batch_norm.act_code(act)
+
+
+def supports_epilogue(x_dtype, kernel_size: int, stride: int, act) -> bool:
+  """Whether `depthwise_affine_act` runs natively for this case."""
+  return supports(x_dtype, kernel_size, stride) and _act_code(act) is not None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def depthwise_affine_act(x, kernel, scale, shift, stride, pads, out_hw, act):
+  """act(depthwise(x) * scale + shift), per channel, in one pass (f32).
+
+  The inference BN + activation after a depthwise layer, applied as the
+  kernel stores its outputs: one write and one read of the layer's output
+  fewer. Differentiable (through the unfused form), for the rare caller
+  that differentiates an inference-mode model.
+  """
+  shape = (x.shape[0], *out_hw, x.shape[3])
+  return cpu_library.call(
+    'EffdetDepthwiseForwardAffineAct',
+    jax.ShapeDtypeStruct(shape, jnp.float32),
+    x,
+    kernel,
+    scale.astype(jnp.float32),
+    shift.astype(jnp.float32),
+    stride=np.int64(stride),
+    pad_top=np.int64(pads[0]),
+    pad_left=np.int64(pads[1]),
+    act=np.int64(_act_code(act)),
+  )
+
+
+def _unfused(x, kernel, scale, shift, stride, pads, out_hw, act):
+  z = depthwise(x, kernel, stride, pads, out_hw) * scale + shift
+  return z if act is None else act(z)
+
+
+def _epi_fwd(x, kernel, scale, shift, stride, pads, out_hw, act):
+  y = depthwise_affine_act(x, kernel, scale, shift, stride, pads, out_hw, act)
+  return y, (x, kernel, scale, shift)
+
+
+def _epi_bwd(stride, pads, out_hw, act, res, dy):
+  f = lambda *a: _unfused(*a, stride, pads, out_hw, act)  # noqa: E731
+  return jax.vjp(f, *res)[1](dy)
+
+
+depthwise_affine_act.defvjp(_epi_fwd, _epi_bwd)

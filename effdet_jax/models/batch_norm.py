@@ -114,7 +114,10 @@ class BatchNorm(nn.Module):
   act: Activation = None
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, affine_only: bool = False) -> Array:
+    """act(BN(x)); with `affine_only` (inference mode), instead the
+    per-channel (multiplier, shift) that BN(x) = x * multiplier + shift,
+    for a producer that applies them itself."""
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -124,6 +127,11 @@ class BatchNorm(nn.Module):
     ra_var = self.variable(
       'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
     )
+    if affine_only:
+      if not self.use_running_average:
+        raise ValueError('BatchNorm affine_only needs use_running_average')
+      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return mul, bias - ra_mean.value * mul
     x = x.astype(self.dtype)
     if self.use_running_average:
       mul = lax.rsqrt(ra_var.value + self.epsilon) * scale

@@ -180,14 +180,20 @@ class MBConvBlock(nn.Module):
     if a.expand_ratio != 1:
       x = conv(inputs.shape[-1] * a.expand_ratio, next(conv_names))(x)
       x = bn(self.act)(x)
-    x = layers.DepthwiseConv(
+    depthwise = layers.DepthwiseConv(
       a.kernel_size,
       a.stride,
       dtype=self.dtype,
       impl=self.depthwise_impl,
       name='depthwise_conv2d',
-    )(x)
-    x = bn(self.act)(x)
+    )
+    bn_dw = bn(self.act)
+    if train:
+      x = bn_dw(depthwise(x))
+    else:
+      # Inference BN is per-channel affine: the depthwise layer applies it
+      # (and the activation) as it writes its output.
+      x = depthwise(x, epilogue=(*bn_dw(x, affine_only=True), self.act))
     gate = None
     if a.se_ratio is not None and 0 < a.se_ratio <= 1:
       # The gate goes into the projection's kernel (`layers.pointwise_gated`).

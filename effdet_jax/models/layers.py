@@ -175,6 +175,44 @@ def depthwise_conv(
   return _depthwise_shift(x, kernel[:, :, :, 0], stride)
 
 
+def depthwise_conv_affine_act(
+  x: Array,
+  kernel: Array,
+  stride: int,
+  scale: Array,
+  shift: Array,
+  act: Callable[[Array], Array] | None,
+  impl: str = 'auto',
+) -> Array:
+  """`act(depthwise_conv(x, kernel, stride) * scale + shift)` per channel.
+
+  The inference-mode BN + activation after a depthwise layer. Where the
+  depthwise form is the compiled kernel they are applied as it stores its
+  outputs (`native_depthwise.depthwise_affine_act`); elsewhere in jnp.
+  """
+  kh = kernel.shape[0]
+  if impl == 'auto':
+    impl = _default_depthwise_impl(x.dtype, kh, stride)
+  if impl == 'native' and native_depthwise.supports_epilogue(
+    x.dtype, kh, stride, act
+  ):
+    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
+    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    return native_depthwise.depthwise_affine_act(
+      x,
+      kernel[:, :, :, 0].astype(x.dtype),
+      scale,
+      shift,
+      stride,
+      (pt, pl),
+      out_hw,
+      act,
+    )
+  z = depthwise_conv(x, kernel, stride, impl).astype(jnp.float32)
+  z = z * scale + shift
+  return (z if act is None else act(z)).astype(x.dtype)
+
+
 def _tap(src, r, c, size, stride):
   """src[:, r + s*o, c + s*o', :] for o < size (a strided window).
 
@@ -388,12 +426,24 @@ class DepthwiseConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    epilogue: tuple[Array, Array, Callable[[Array], Array] | None]
+    | None = None,
+  ) -> Array:
+    """`epilogue` = (scale, shift, act): act(y * scale + shift) per channel
+    (`depthwise_conv_affine_act`)."""
     k = self.kernel_size
     kernel = self.param(
       'depthwise_kernel', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32
     )
-    return depthwise_conv(x.astype(self.dtype), kernel, self.stride, self.impl)
+    x = x.astype(self.dtype)
+    if epilogue is not None:
+      return depthwise_conv_affine_act(
+        x, kernel, self.stride, *epilogue, impl=self.impl
+      )
+    return depthwise_conv(x, kernel, self.stride, self.impl)
 
 
 class SeparableConv(nn.Module):
