@@ -2,6 +2,7 @@
 
   python benchmarks/vs_effdet.py [--size=512] [--rounds=3]
       [--torch_compile=true] [--workloads=fwd1,fwd8,train8]
+      [--torch_device=cpu|cuda]
 
 Workloads (D0, random weights, f32): network forward at batch 1 and 8, and
 one training step at batch 8 (forward, target assignment, focal + box loss,
@@ -16,6 +17,9 @@ parent re-executes itself with `effdet_jax.malloc_tuning`'s glibc
 tunables (as `effdet_jax.main` does), and the workers inherit them: both
 implementations run under the same allocator settings
 (`EFFDET_TUNE_MALLOC=0` compares under glibc's defaults).
+
+On a GPU machine JAX takes the GPU by itself; `--torch_device=cuda` puts
+effdet there too (each timed call then ends with `torch.cuda.synchronize`).
 """
 
 from __future__ import annotations
@@ -51,16 +55,22 @@ def _ours(workload: str, size: int):
   return call, lambda out: jax.block_until_ready(out)
 
 
-def _effdet(workload: str, size: int, compiled: bool):
+def _effdet(workload: str, size: int, compiled: bool, device: str):
   import torch
 
   effdet = torch_ref.import_effdet()
   torch.manual_seed(0)
   config = effdet.get_efficientdet_config('tf_efficientdet_d0')
   config.image_size = (size, size)
-  net = effdet.EfficientDet(config, pretrained_backbone=False)
+  net = effdet.EfficientDet(config, pretrained_backbone=False).to(device)
   batch = 1 if workload == 'fwd1' else 8
-  x = torch.randn(batch, 3, size, size)
+  x = torch.randn(batch, 3, size, size, device=device)
+
+  def sync(out):
+    del out
+    if device != 'cpu':
+      torch.cuda.synchronize()
+
   if workload != 'train8':
     net.eval()
     fn = torch.compile(net) if compiled else net
@@ -69,15 +79,15 @@ def _effdet(workload: str, size: int, compiled: bool):
       with torch.no_grad():
         return fn(x)
 
-    return fwd, lambda out: None
-  bench = effdet.DetBenchTrain(net, create_labeler=True)
+    return fwd, sync
+  bench = effdet.DetBenchTrain(net, create_labeler=True).to(device)
   bench.train()
   opt = torch.optim.SGD(bench.parameters(), lr=0.01, momentum=0.9)
   # The same random boxes as our train workload (tools.benchmark).
   b = bm._random_batch(batch, (size, size), 90)  # noqa: SLF001
   target = {
-    'bbox': torch.from_numpy(b['boxes']),
-    'cls': torch.from_numpy(b['classes']).float(),
+    'bbox': torch.from_numpy(b['boxes']).to(device),
+    'cls': torch.from_numpy(b['classes']).float().to(device),
   }
 
   def step():
@@ -88,7 +98,7 @@ def _effdet(workload: str, size: int, compiled: bool):
     opt.step()
     return loss
 
-  return step, lambda out: None
+  return step, sync
 
 
 def _time(call, sync, n):
@@ -105,7 +115,9 @@ _NAMES = {'fwd1': 'forward b1', 'fwd8': 'forward b8', 'train8': 'train b8'}
 _MARK = 'VS_EFFDET_TIMES '
 
 
-def _worker(impl: str, workloads: list[str], size: int, calls: int) -> None:
+def _worker(
+  impl: str, workloads: list[str], size: int, calls: int, device: str
+) -> None:
   """One implementation in this process: warm up, time, print JSON."""
   import torch
 
@@ -120,7 +132,7 @@ def _worker(impl: str, workloads: list[str], size: int, calls: int) -> None:
     if impl == 'effdet_jax':
       call, sync = _ours(w, size)
     else:
-      call, sync = _effdet(w, size, impl == 'effdet torch.compile')
+      call, sync = _effdet(w, size, impl == 'effdet torch.compile', device)
     try:
       sync(call())
       sync(call())
@@ -128,6 +140,8 @@ def _worker(impl: str, workloads: list[str], size: int, calls: int) -> None:
       print(f'{impl} {w} failed: {e!r:.200}', file=sys.stderr)
       continue
     times[w] = _time(call, sync, calls)
+  if impl == 'effdet_jax':  # the parent starts no backend of its own
+    times['device'] = jax.devices()[0].device_kind
   print(_MARK + json.dumps(times), flush=True)
 
 
@@ -139,6 +153,7 @@ def _run_worker(impl, workloads, a) -> dict[str, list[float]]:
     f'--workloads={",".join(workloads)}',
     f'--size={a.size}',
     f'--calls={a.calls}',
+    f'--torch_device={a.torch_device}',
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   for line in out.stdout.splitlines():
@@ -155,11 +170,12 @@ def main():
   p.add_argument('--calls', type=int, default=3, help='timed calls per round')
   p.add_argument('--torch_compile', default='true')
   p.add_argument('--workloads', default='fwd1,fwd8,train8')
+  p.add_argument('--torch_device', default='cpu', choices=['cpu', 'cuda'])
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   workloads = a.workloads.split(',')
   if a.worker:
-    _worker(a.worker, workloads, a.size, a.calls)
+    _worker(a.worker, workloads, a.size, a.calls, a.torch_device)
     return
   # Each implementation runs in its own process (same environment, the
   # same malloc tunables), so one's heap and thread pools cannot slow the
@@ -170,15 +186,27 @@ def main():
   for r in range(a.rounds):
     for impl in impls:
       wl = [w for w in workloads if impl != IMPLS[2] or w != 'train8']
-      for w, ts in _run_worker(impl, wl, a).items():
+      got = _run_worker(impl, wl, a)
+      a.jax_device = got.pop('device', getattr(a, 'jax_device', '?'))
+      for w, ts in got.items():
         times.setdefault((w, impl), []).extend(ts)
     print(f'round {r + 1}/{a.rounds} done', file=sys.stderr, flush=True)
-  print(f'machine: {_cores()} CPU threads, {jax.devices()[0].device_kind}')
-  print(f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")}')
-  print(
-    '| workload | implementation | median ms | images/s | vs effdet eager |'
+    if r + 1 < a.rounds:  # a run cut off by a time limit keeps a table
+      _print_table(times, impls, workloads, a, file=sys.stderr)
+  _print_table(times, impls, workloads, a, file=sys.stdout)
+
+
+def _print_table(times, impls, workloads, a, file) -> None:
+  def out(line):
+    print(line, file=file, flush=True)
+
+  out(
+    f'machine: {_cores()} CPU threads; JAX on {a.jax_device}'
+    f'; effdet on {a.torch_device}'
   )
-  print('|---|---|---|---|---|')
+  out(f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")}')
+  out('| workload | implementation | median ms | images/s | vs effdet eager |')
+  out('|---|---|---|---|---|')
   for w in workloads:
     batch = 1 if w == 'fwd1' else 8
     ref = times.get((w, IMPLS[1]))
@@ -188,7 +216,7 @@ def main():
         continue
       med = float(np.median(ts))
       ratio = f'{float(np.median(ref)) / med:.2f}x' if ref else 'n/a'
-      print(
+      out(
         f'| {_NAMES[w]} | {impl} | {med * 1e3:.0f} | {batch / med:.2f} |'
         f' {ratio} |'
       )

@@ -105,3 +105,51 @@ print(float(f(jnp.ones((64, 64))).sum()))
   second = run()
   assert second.stdout == first.stdout
   assert sorted((tmp_path / 'cache').iterdir()) == sorted(files)
+
+
+def test_train_step_builds_without_tensorflow():
+  """GPU/TPU images often have JAX but no TensorFlow: the benchmark's train
+  mode (the Trainer and its jitted step) must not import it; only the
+  training loop's writers (clu) and the input pipeline do."""
+  script = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
+      raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, 'tests')
+import tempfile
+import jax
+from train_utils import tiny_config
+from effdet_jax.tools import benchmark
+from effdet_jax.train import trainer
+config = tiny_config(batch_size=2)
+tr = trainer.Trainer(config, tempfile.mkdtemp(), jax.devices()[:1])
+b = benchmark._random_batch(2, tuple(config.model.image_size), 3)
+b = jax.device_put(b, tr.batch_sharding(b))
+state, metrics = tr.step_fn(b)(tr.fresh_state(), b)
+print('loss', float(metrics['loss']))
+"""
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'},
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert np.isfinite(float(out.stdout.split('loss')[-1]))
+
+
+def test_suite_workloads_are_parsed_and_checked():
+  sys.path.insert(0, 'benchmarks')
+  import suite  # noqa: PLC0415
+
+  assert suite.parse_workloads('forward:1:float32, train:8:bfloat16') == [
+    ('forward', 1, 'float32'),
+    ('train', 8, 'bfloat16'),
+  ]
+  for bad in ('forward:1', 'fwd:1:float32', 'train:8:float16'):
+    with pytest.raises(ValueError, match='workload'):
+      suite.parse_workloads(bad)

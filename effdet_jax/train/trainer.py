@@ -19,7 +19,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from effdet_jax import api, files
@@ -28,7 +27,6 @@ from effdet_jax.train import (
   checkpoint,
   freeze,
   init_from,
-  metrics,
   optimizer,
   partitioning,
   schedule,
@@ -235,6 +233,13 @@ def train_and_evaluate(
       logging.info('init_from ignored: the workdir has its own checkpoint')
   start = int(state.step)
   total = trainer.steps.total
+  # Here, not at the top: clu's writers import TensorFlow, and building the
+  # step (Trainer, the benchmark's train mode) must not need it, e.g. on a
+  # GPU/TPU machine that has JAX but no TensorFlow.
+  from clu import periodic_actions  # noqa: PLC0415
+
+  from effdet_jax.train import metrics  # noqa: PLC0415
+
   writer = metrics.create_writer(workdir)
   hooks = [
     periodic_actions.ReportProgress(num_train_steps=total, writer=writer)
