@@ -224,21 +224,26 @@ def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
     assert _rel(a, b) < 1e-4
 
 
-def test_model_inference_matches_jnp_forms():
-  """A whole (small) EfficientDet in inference mode (the depthwise
-  epilogue, the gated projection), with the kernels and with the jnp
-  forms."""
+def _tiny_model():
+  """A small D0 (64 px, P3-P5) for the whole-model kernel tests."""
   import effdet_jax
 
-  model, variables = effdet_jax.create_model(
+  return effdet_jax.create_model(
     'efficientdet-d0',
     image_size=(64, 64),
     max_level=5,
     num_classes=3,
-    fpn_num_filters=24,
+    fpn_num_filters=24,  # a 16-block and an 8-block of channels
     fpn_cell_repeats=1,
     box_class_repeats=1,
   )
+
+
+def test_model_inference_matches_jnp_forms():
+  """A whole (small) EfficientDet in inference mode (the depthwise
+  epilogue, the gated projection), with the kernels and with the jnp
+  forms."""
+  model, variables = _tiny_model()
   # Non-trivial moving statistics, so the epilogue's affine matters.
   stats = jax.tree.map(
     lambda v: v + 0.3 * jax.random.uniform(jax.random.key(5), v.shape),
@@ -260,17 +265,7 @@ def test_model_inference_matches_jnp_forms():
 def test_model_train_mode_gradients_match_jnp_forms():
   """A whole (small) EfficientDet in train mode: outputs, new batch stats
   and parameter gradients, with the kernels and with the jnp forms."""
-  import effdet_jax
-
-  model, variables = effdet_jax.create_model(
-    'efficientdet-d0',
-    image_size=(64, 64),
-    max_level=5,
-    num_classes=3,
-    fpn_num_filters=24,  # a 16-block and an 8-block of channels
-    fpn_cell_repeats=1,
-    box_class_repeats=1,
-  )
+  model, variables = _tiny_model()
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
 
   def loss(params):

@@ -34,6 +34,7 @@ using effdet::V8;
 
 using effdet::Activate;
 using effdet::Exp;
+using effdet::WithAct;
 using effdet::kNone;
 using effdet::kRelu;
 using effdet::kRelu6;
@@ -200,19 +201,6 @@ void BackwardImpl(ffi::ThreadPool& pool, const float* x, const float* dy,
     };
     ForChannels(c, f);
   });
-}
-
-// run.template operator()<A>() for the activation code `act`.
-template <typename F>
-ffi::Error WithAct(int64_t act, F& run) {
-  switch (act) {
-    case kNone: run.template operator()<kNone>(); break;
-    case kSwish: run.template operator()<kSwish>(); break;
-    case kRelu: run.template operator()<kRelu>(); break;
-    case kRelu6: run.template operator()<kRelu6>(); break;
-    default: return ffi::Error::InvalidArgument("unknown activation");
-  }
-  return ffi::Error::Success();
 }
 
 int64_t Rows(ffi::Span<const int64_t> dims) {

@@ -175,6 +175,20 @@ inline V Activate(V z) {
   return z;
 }
 
+// run.template operator()<A>() for the activation code `act`: one
+// instantiation per activation, chosen once per call.
+template <typename F>
+ffi::Error WithAct(int64_t act, F& run) {
+  switch (act) {
+    case kNone: run.template operator()<kNone>(); break;
+    case kSwish: run.template operator()<kSwish>(); break;
+    case kRelu: run.template operator()<kRelu>(); break;
+    case kRelu6: run.template operator()<kRelu6>(); break;
+    default: return ffi::Error::InvalidArgument("unknown activation");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace effdet
 
 #endif  // EFFDET_JAX_KERNELS_CPU_COMMON_H_

@@ -157,3 +157,20 @@ def call(target: str, results, *args, **attrs):
   return jax.ffi.ffi_call(target, results, vmap_method='sequential')(
     *args, **attrs
   )
+
+
+# The kernels' activation codes: `enum Act` in cpu_common.h.
+_NONE, _SWISH, _RELU, _RELU6 = 0, 1, 2, 3
+
+
+def act_code(act) -> int | None:
+  """The kernels' code for the activation `act`, or None if none has one."""
+  if act is None:
+    return _NONE
+  if act is jax.nn.relu:
+    return _RELU
+  if act is jax.nn.silu or act is jax.nn.swish:
+    return _SWISH
+  if getattr(act, '__module__', '') == 'effdet_jax.models.layers':
+    return {'swish': _SWISH, 'relu6': _RELU6}.get(act.__name__)
+  return None

@@ -292,14 +292,7 @@ ffi::Error ForwardAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       });
     });
   };
-  switch (act) {
-    case effdet::kNone: run.template operator()<effdet::kNone>(); break;
-    case effdet::kSwish: run.template operator()<effdet::kSwish>(); break;
-    case effdet::kRelu: run.template operator()<effdet::kRelu>(); break;
-    case effdet::kRelu6: run.template operator()<effdet::kRelu6>(); break;
-    default: return ffi::Error::InvalidArgument("unknown activation");
-  }
-  return ffi::Error::Success();
+  return effdet::WithAct(act, run);
 }
 
 ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,

@@ -17,20 +17,7 @@ import numpy as np
 
 from effdet_jax.kernels import cpu_library
 
-_NONE, _SWISH, _RELU, _RELU6 = 0, 1, 2, 3
-
-
-def act_code(act) -> int | None:
-  """The kernel's code for `act`, or None if it has no native form."""
-  if act is None:
-    return _NONE
-  if act is jax.nn.relu:
-    return _RELU
-  if act is jax.nn.silu or act is jax.nn.swish:
-    return _SWISH
-  if getattr(act, '__module__', '') == 'effdet_jax.models.layers':
-    return {'swish': _SWISH, 'relu6': _RELU6}.get(act.__name__)
-  return None
+act_code = cpu_library.act_code  # shared with the depthwise epilogue
 
 
 def supports(dtype, act) -> bool:

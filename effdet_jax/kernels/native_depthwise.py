@@ -81,15 +81,12 @@ def _bwd(stride, pads, out_hw, res, dy):
 depthwise.defvjp(_fwd, _bwd)
 
 
-def _act_code(act) -> int | None:
-  from effdet_jax.kernels import native_batch_norm  # noqa: PLC0415
-
-  return native_batch_norm.act_code(act)
-
-
 def supports_epilogue(x_dtype, kernel_size: int, stride: int, act) -> bool:
   """Whether `depthwise_affine_act` runs natively for this case."""
-  return supports(x_dtype, kernel_size, stride) and _act_code(act) is not None
+  return (
+    supports(x_dtype, kernel_size, stride)
+    and cpu_library.act_code(act) is not None
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -112,7 +109,7 @@ def depthwise_affine_act(x, kernel, scale, shift, stride, pads, out_hw, act):
     stride=np.int64(stride),
     pad_top=np.int64(pads[0]),
     pad_left=np.int64(pads[1]),
-    act=np.int64(_act_code(act)),
+    act=np.int64(cpu_library.act_code(act)),
   )
 
 
