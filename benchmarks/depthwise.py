@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effdet_jax import malloc_tuning
 from effdet_jax.kernels import native_depthwise
 from effdet_jax.models.layers import depthwise_conv
 
@@ -75,4 +76,8 @@ def main():
 
 
 if __name__ == '__main__':
+  # The settings effdet_jax.main runs under (without them each call's
+  # output is a fresh mmap that the kernel faults in page by page).
+  malloc_tuning.reexec_if_untuned()
+  malloc_tuning.dispatch_inline()
   main()

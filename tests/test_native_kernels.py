@@ -19,7 +19,12 @@ import pytest
 from conftest import REPO
 
 from effdet_jax.detection import focal
-from effdet_jax.kernels import cpu_library, native_batch_norm, native_focal
+from effdet_jax.kernels import (
+  cpu_library,
+  native_batch_norm,
+  native_focal,
+  native_pointwise,
+)
 from effdet_jax.models import batch_norm as bn_lib
 from effdet_jax.models import layers
 
@@ -222,6 +227,62 @@ def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
   assert _rel(got, want) < 1e-5
   for a, b in zip(g, g_want, strict=True):
     assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize(
+  'shape,n',
+  [
+    ((2, 5, 7, 16), 96),  # 70 rows: eight-row groups and a tail of 6
+    ((3, 4, 4, 40), 32),
+    ((1, 1, 3, 64), 16),  # K at its limit, fewer rows than a group
+    ((131072, 24), 64),  # 32 MiB out: the streaming-store path
+  ],
+)
+@pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu, layers.relu6])
+def test_pointwise_affine_act_matches_unfused(shape, n, act):
+  """A 1x1 conv + inference BN + activation in one pass (the expand
+  layers' inference form), against dot-then-affine; gradients through the
+  unfused form."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (shape[-1], n)) * 0.4
+  scale = jax.random.normal(jax.random.key(2), (n,)) * 2
+  shift = jax.random.normal(jax.random.key(3), (n,))
+
+  def unfused(x, w, scale, shift):
+    z = jnp.einsum('...c,cd->...d', x, w, precision='highest') * scale + shift
+    return z if act is None else act(z)
+
+  def fused(x, w, scale, shift):
+    return layers.pointwise_affine_act(x, w, scale, shift, act)
+
+  with cpu_library.forced(True):
+    assert native_pointwise.supports(x.dtype, shape[-1], n, act)
+    got = jax.jit(fused)(x, w, scale, shift)
+    cot = jax.random.normal(jax.random.key(4), got.shape)
+    g = jax.grad(lambda *a: jnp.sum(fused(*a) * cot), argnums=(0, 1, 2, 3))(
+      x, w, scale, shift
+    )
+  want = unfused(x, w, scale, shift)
+  assert _rel(got, want) < 1e-5
+  g_want = jax.grad(
+    lambda *a: jnp.sum(unfused(*a) * cot), argnums=(0, 1, 2, 3)
+  )(x, w, scale, shift)
+  for a, b in zip(g, g_want, strict=True):
+    assert _rel(a, b) < 1e-4
+
+
+def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
+  """Wide inputs (K > 64), N not a multiple of 16 and unknown activations
+  take the jnp form, which computes the same function."""
+  assert not native_pointwise.supports(jnp.float32, 80, 96, layers.swish)
+  assert not native_pointwise.supports(jnp.float32, 16, 40, layers.swish)
+  assert not native_pointwise.supports(jnp.float32, 16, 96, jnp.tanh)
+  assert not native_pointwise.supports(jnp.bfloat16, 16, 96, None)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 80))
+  w = jax.random.normal(jax.random.key(1), (80, 40))
+  with cpu_library.forced(True):
+    got = layers.pointwise_affine_act(x, w, 2.0, 1.0, jnp.tanh)
+  assert _rel(got, jnp.tanh(jnp.einsum('...c,cd->...d', x, w) * 2 + 1)) < 1e-5
 
 
 def _tiny_model():

@@ -35,6 +35,7 @@ TARGETS = (
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
   'EffdetFocalLoss',
+  'EffdetPointwiseAffineAct',
 )
 
 

@@ -178,8 +178,17 @@ class MBConvBlock(nn.Module):
 
     x = inputs
     if a.expand_ratio != 1:
-      x = conv(inputs.shape[-1] * a.expand_ratio, next(conv_names))(x)
-      x = bn(self.act)(x)
+      expanded = inputs.shape[-1] * a.expand_ratio
+      expand = conv(expanded, next(conv_names))
+      bn0 = bn(self.act)
+      if train:
+        x = bn0(expand(x))
+      else:
+        # Inference BN is per-channel affine: the conv applies it (and the
+        # activation) as it writes (`layers.pointwise_affine_act`). BN reads
+        # only the feature count from its argument here.
+        affine = bn0(jnp.zeros((0, expanded), x.dtype), affine_only=True)
+        x = expand(x, epilogue=(*affine, self.act))
     depthwise = layers.DepthwiseConv(
       a.kernel_size,
       a.stride,

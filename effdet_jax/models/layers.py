@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from effdet_jax.kernels import cpu_library, native_depthwise
+from effdet_jax.kernels import cpu_library, native_depthwise, native_pointwise
 from effdet_jax.models.batch_norm import BatchNorm
 
 Array = jax.Array
@@ -332,6 +332,28 @@ def _depthwise_shift_bwd(stride, res, dy):
 _depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+def pointwise_affine_act(
+  x: Array,
+  kernel: Array,
+  scale: Array,
+  shift: Array,
+  act: Callable[[Array], Array] | None,
+) -> Array:
+  """`act(pointwise(x, kernel) * scale + shift)`: a 1x1 conv followed by an
+  inference-mode BN (per-channel affine) and its activation.
+
+  One compiled pass on CPU for few input channels (the expand layers at
+  high resolution, `native_pointwise`); elsewhere the jnp form.
+  """
+  if (
+    native_pointwise.supports(x.dtype, kernel.shape[0], kernel.shape[1], act)
+    and jnp.dtype(kernel.dtype) == jnp.float32
+  ):
+    return native_pointwise.pointwise_affine_act(x, kernel, scale, shift, act)
+  z = pointwise(x, kernel).astype(jnp.float32) * scale + shift
+  return (z if act is None else act(z)).astype(x.dtype)
+
+
 @jax.custom_vjp
 def pointwise(x: Array, kernel: Array) -> Array:
   """1x1 convolution `[B, H, W, C] x [C, D]` as one matrix product.
@@ -501,8 +523,18 @@ class Conv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array, gate: Array | None = None) -> Array:
-    """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first."""
+  def __call__(
+    self,
+    x: Array,
+    gate: Array | None = None,
+    epilogue: tuple[Array, Array, Callable | None] | None = None,
+  ) -> Array:
+    """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first.
+
+    `epilogue` = (scale, shift, act), 1x1 stride-1 without bias or gate:
+    returns `act(conv(x) * scale + shift)` (the inference BN after the
+    conv), in one pass where `pointwise_affine_act` has a kernel for it.
+    """
     k = self.kernel_size
     kernel = self.param(
       'kernel',
@@ -512,6 +544,10 @@ class Conv(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    if epilogue is not None:
+      if k != 1 or self.stride != 1 or gate is not None or self.use_bias:
+        raise ValueError('Conv: an epilogue needs a plain 1x1 stride-1 conv')
+      return pointwise_affine_act(x, kernel[0, 0], *epilogue)
     if gate is not None:
       if k != 1 or self.stride != 1:
         raise ValueError('Conv: a gate needs a 1x1 stride-1 conv')
