@@ -313,7 +313,7 @@ class _Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = layers.conv(
+    conv = layers.conv(
       self.filters,
       3,
       2,
@@ -322,10 +322,16 @@ class _Stem(nn.Module):
       dtype=self.dtype,
       name='conv2d',
       impl=self.impl,
-    )(x)
-    return layers.batch_norm(
+    )
+    bn = layers.batch_norm(
       train, self.dtype, 'tpu_batch_normalization', self.act
-    )(x)
+    )
+    if train:
+      return bn(conv(x))
+    # Inference: the conv applies the BN's affine and the activation (one
+    # pass where it is an im2col product with a kernel, as in MBConvBlock).
+    affine = bn(jnp.zeros((0, self.filters), x.dtype), affine_only=True)
+    return conv(x, epilogue=(*affine, self.act))
 
 
 def endpoint_channels(spec: BackboneSpec) -> Sequence[int]:

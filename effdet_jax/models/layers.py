@@ -531,9 +531,10 @@ class Conv(nn.Module):
   ) -> Array:
     """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first.
 
-    `epilogue` = (scale, shift, act), 1x1 stride-1 without bias or gate:
-    returns `act(conv(x) * scale + shift)` (the inference BN after the
-    conv), in one pass where `pointwise_affine_act` has a kernel for it.
+    `epilogue` = (scale, shift, act), without bias or gate: returns
+    `act(conv(x) * scale + shift)` (the inference BN after the conv), in
+    the same pass where the conv is a matrix product that
+    `pointwise_affine_act` has a kernel for (1x1, or im2col).
     """
     k = self.kernel_size
     kernel = self.param(
@@ -545,9 +546,12 @@ class Conv(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if epilogue is not None:
-      if k != 1 or self.stride != 1 or gate is not None or self.use_bias:
-        raise ValueError('Conv: an epilogue needs a plain 1x1 stride-1 conv')
-      return pointwise_affine_act(x, kernel[0, 0], *epilogue)
+      if gate is not None or self.use_bias:
+        raise ValueError('Conv: an epilogue needs a conv without bias/gate')
+      if k == 1 and self.stride == 1:
+        return pointwise_affine_act(x, kernel[0, 0], *epilogue)
+      if _use_im2col(k, x.shape[-1], self.impl):
+        return conv_im2col(x, kernel, self.stride, epilogue)
     if gate is not None:
       if k != 1 or self.stride != 1:
         raise ValueError('Conv: a gate needs a 1x1 stride-1 conv')
@@ -567,6 +571,10 @@ class Conv(nn.Module):
     if self.use_bias:
       b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + b.astype(self.dtype)
+    if epilogue is not None:
+      scale, shift, act = epilogue
+      z = y.astype(jnp.float32) * scale + shift
+      y = (z if act is None else act(z)).astype(self.dtype)
     return y
 
 
@@ -592,17 +600,26 @@ def _use_im2col(kernel_size: int, in_channels: int, impl: str) -> bool:
   )
 
 
-def conv_im2col(x: Array, kernel: Array, stride: int) -> Array:
+def conv_im2col(
+  x: Array,
+  kernel: Array,
+  stride: int,
+  epilogue: tuple[Array, Array, Callable | None] | None = None,
+) -> Array:
   """TF-SAME conv as patches `[B, H', W', k*k*C]` times `[k*k*C, D]`.
 
   The patches are the strided taps (`_tap`) of the padded input,
   concatenated tap-major, channel-minor: the order of `kernel.reshape`.
+  `epilogue` (scale, shift, act): `pointwise_affine_act`'s, see `Conv`.
   """
   kh, kw, cin, cout = kernel.shape
   xp, size = _pad_for_taps(x, kernel.shape, stride)
   taps = [_tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)]
   patches = jnp.concatenate(taps, axis=-1)
-  return pointwise(patches, kernel.reshape(kh * kw * cin, cout))
+  w = kernel.reshape(kh * kw * cin, cout)
+  if epilogue is not None:
+    return pointwise_affine_act(patches, w, *epilogue)
+  return pointwise(patches, w)
 
 
 def conv(
