@@ -33,3 +33,21 @@ def test_paper_table_flops_rounding(official_counts):
   for name, billions in paper.items():
     flops = summary.summarize(api.model_config(name))['flops'] / 1e9
     assert flops == pytest.approx(billions, rel=0.03)
+
+
+def test_flops_count_sees_through_the_cpu_kernels(official_counts):
+  """With the CPU kernels on (one CPU device, as users run), the counted
+  FLOPs are still the official ones: the custom calls (depthwise, the
+  fused 1x1 conv + BN) hide their arithmetic, so the count traces the jnp
+  forms."""
+  from effdet_jax.kernels import cpu_library
+
+  if not cpu_library.load():
+    pytest.skip('no C++ compiler: the kernels are never used')
+  want = summary.summarize(api.model_config('efficientdet-d0'))['flops']
+  with cpu_library.forced(True):
+    s = summary.summarize(api.model_config('efficientdet-d0'))
+  assert s['flops'] == want
+  assert want == pytest.approx(
+    official_counts['efficientdet-d0']['flops'], rel=0.02
+  )

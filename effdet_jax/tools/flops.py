@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from effdet_jax.kernels import cpu_library
+
 _ELEMENTWISE = {'add', 'sub', 'mul', 'div', 'add_any'}
 _FREE = {'max', 'min', 'logistic', 'rsqrt', 'exp', 'tanh', 'clamp'}
 
@@ -74,7 +76,11 @@ def count_flops(
     swish_muls: multiplies per element the reference counts for a swish.
   """
   skip = set(skip_scopes)
-  jaxpr = jax.make_jaxpr(fn)(*args)
+  # Traced with the jnp forms: the CPU kernels' custom calls (depthwise,
+  # the fused 1x1 conv + BN) hide their arithmetic from this walk. (This
+  # clears JAX's caches: see `cpu_library.forced`.)
+  with cpu_library.forced(False):
+    jaxpr = jax.make_jaxpr(fn)(*args)
   total = 0
 
   def walk(jx):
