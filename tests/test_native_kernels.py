@@ -370,3 +370,20 @@ def test_disabled_by_environment():
     check=True,
   )
   assert out.stdout.strip() == 'False'
+
+
+def test_model_impl_setting_keeps_custom_calls_out():
+  """`depthwise_impl` chooses the CPU kernels for the whole model: 'shift'
+  (what export writes: a SavedModel cannot carry our custom calls) lowers
+  to no custom call, 'auto' to the depthwise and 1x1 conv + BN kernels."""
+  model, variables = _tiny_model()
+  x = jnp.zeros((1, 64, 64, 3))
+  texts = {}
+  with cpu_library.forced(True):
+    for impl in ('auto', 'shift'):
+      m = model.clone(depthwise_impl=impl)
+      run = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
+      texts[impl] = run.lower(variables, x).as_text()
+  assert 'EffdetPointwiseAffineAct' in texts['auto']
+  assert 'EffdetDepthwiseForwardAffineAct' in texts['auto']
+  assert 'Effdet' not in texts['shift']

@@ -171,6 +171,7 @@ class MBConvBlock(nn.Module):
       kernel_init=layers.backbone_conv_init,
       dtype=self.dtype,
       name=name,
+      impl=self.depthwise_impl,  # the CPU kernels follow one setting
     )
     bn = lambda act=None: layers.batch_norm(
       train, self.dtype, next(bn_names), act

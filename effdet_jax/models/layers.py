@@ -338,15 +338,21 @@ def pointwise_affine_act(
   scale: Array,
   shift: Array,
   act: Callable[[Array], Array] | None,
+  impl: str = 'auto',
 ) -> Array:
   """`act(pointwise(x, kernel) * scale + shift)`: a 1x1 conv followed by an
   inference-mode BN (per-channel affine) and its activation.
 
   One compiled pass on CPU for few input channels (the expand layers at
-  high resolution, `native_pointwise`); elsewhere the jnp form.
+  high resolution, `native_pointwise`) where `impl` (the model's
+  `depthwise_impl`: the choice of CPU kernels) is 'auto' or 'native';
+  elsewhere, and for 'shift'/'lax' (export, meshes), the jnp form.
   """
   if (
-    native_pointwise.supports(x.dtype, kernel.shape[0], kernel.shape[1], act)
+    impl in ('auto', 'native')
+    and native_pointwise.supports(
+      x.dtype, kernel.shape[0], kernel.shape[1], act
+    )
     and jnp.dtype(kernel.dtype) == jnp.float32
   ):
     return native_pointwise.pointwise_affine_act(x, kernel, scale, shift, act)
@@ -549,9 +555,9 @@ class Conv(nn.Module):
       if gate is not None or self.use_bias:
         raise ValueError('Conv: an epilogue needs a conv without bias/gate')
       if k == 1 and self.stride == 1:
-        return pointwise_affine_act(x, kernel[0, 0], *epilogue)
+        return pointwise_affine_act(x, kernel[0, 0], *epilogue, self.impl)
       if _use_im2col(k, x.shape[-1], self.impl):
-        return conv_im2col(x, kernel, self.stride, epilogue)
+        return conv_im2col(x, kernel, self.stride, epilogue, self.impl)
     if gate is not None:
       if k != 1 or self.stride != 1:
         raise ValueError('Conv: a gate needs a 1x1 stride-1 conv')
@@ -605,12 +611,13 @@ def conv_im2col(
   kernel: Array,
   stride: int,
   epilogue: tuple[Array, Array, Callable | None] | None = None,
+  impl: str = 'auto',
 ) -> Array:
   """TF-SAME conv as patches `[B, H', W', k*k*C]` times `[k*k*C, D]`.
 
   The patches are the strided taps (`_tap`) of the padded input,
   concatenated tap-major, channel-minor: the order of `kernel.reshape`.
-  `epilogue` (scale, shift, act): `pointwise_affine_act`'s, see `Conv`.
+  `epilogue` (scale, shift, act) and `impl`: `pointwise_affine_act`'s.
   """
   kh, kw, cin, cout = kernel.shape
   xp, size = _pad_for_taps(x, kernel.shape, stride)
@@ -618,7 +625,7 @@ def conv_im2col(
   patches = jnp.concatenate(taps, axis=-1)
   w = kernel.reshape(kh * kw * cin, cout)
   if epilogue is not None:
-    return pointwise_affine_act(patches, w, *epilogue)
+    return pointwise_affine_act(patches, w, *epilogue, impl)
   return pointwise(patches, w)
 
 
