@@ -387,3 +387,17 @@ def test_model_impl_setting_keeps_custom_calls_out():
   assert 'EffdetPointwiseAffineAct' in texts['auto']
   assert 'EffdetDepthwiseForwardAffineAct' in texts['auto']
   assert 'Effdet' not in texts['shift']
+
+
+def test_depthwise_kernel_claims_only_the_strides_it_runs():
+  """The kernels are compiled for strides 1 and 2; `supports` sends any
+  other stride to the jnp form, which still gives XLA's result."""
+  from effdet_jax.kernels import native_depthwise
+
+  assert native_depthwise.supports(jnp.float32, 3, 2)
+  assert not native_depthwise.supports(jnp.float32, 3, 3)
+  x = jax.random.normal(jax.random.key(0), (1, 9, 9, 16))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 16, 1))
+  with cpu_library.forced(True):
+    got = layers.depthwise_conv(x, w, 3)
+  assert _rel(got, layers.depthwise_conv(x, w, 3, 'lax')) < 1e-5

@@ -389,10 +389,11 @@ void KernelGradRow(const float* x, const float* dy, float* acc,
 
 ffi::Error CheckAttrs(int64_t stride, int64_t pad_top, int64_t pad_left,
                       int64_t k) {
-  if (stride < 1 || (k != 3 && k != 5) || pad_top < 0 || pad_left < 0 ||
-      pad_top >= k || pad_left >= k) {
+  // Strides 1 and 2 only: the loops are compiled for those (WithKS).
+  if (stride < 1 || stride > 2 || (k != 3 && k != 5) || pad_top < 0 ||
+      pad_left < 0 || pad_top >= k || pad_left >= k) {
     return ffi::Error::InvalidArgument(
-        "depthwise kernel: k must be 3 or 5, 0 <= padding < k");
+        "depthwise kernel: stride 1 or 2, k 3 or 5, 0 <= padding < k");
   }
   return ffi::Error::Success();
 }
@@ -444,9 +445,6 @@ void WithKS(int64_t k, int64_t stride, F&& f) {
 template <int A>
 ffi::Error RunForward(ffi::ThreadPool& pool, const float* xp, const float* kp,
                       float* yp, const Geometry& g, const Epilogue& epi) {
-  if (g.stride > 2) {
-    return ffi::Error::InvalidArgument("depthwise forward: stride 1 or 2");
-  }
   const Taps taps = ForwardTaps(g.wo, g.k, g.stride, g.pad_left, g.w);
   const Interior in = InteriorColumns(g);
   const std::vector<float> zeros(g.w * g.c, 0.f);  // rows outside the image
@@ -540,9 +538,6 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* gp = dy.typed_data();
   float* out = dk->typed_data();
   const int64_t size = k * k * g.c;
-  if (stride > 2) {
-    return ffi::Error::InvalidArgument("depthwise kernel grad: stride 1 or 2");
-  }
   const Taps taps = ForwardTaps(g.wo, k, stride, pad_left, g.w);
   const Interior in = InteriorColumns(g);
   const std::vector<float> zeros(g.w * g.c, 0.f);  // rows outside the image

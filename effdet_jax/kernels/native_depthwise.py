@@ -35,11 +35,12 @@ def available() -> bool:
 
 
 def supports(x_dtype, kernel_size: int, stride: int) -> bool:
-  """Whether `depthwise` handles this case (f32, 3x3 or 5x5, built)."""
+  """Whether `depthwise` handles this case (f32, 3x3 or 5x5, stride 1 or
+  2 — EfficientNet's — built); other strides take the jnp form."""
   return (
     jnp.dtype(x_dtype) == jnp.float32
     and kernel_size in (3, 5)
-    and stride >= 1
+    and stride in (1, 2)
     and available()
   )
 
