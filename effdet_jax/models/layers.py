@@ -175,6 +175,13 @@ def depthwise_conv(
   return _depthwise_shift(x, kernel[:, :, :, 0], stride)
 
 
+def _affine_act(y: Array, scale, shift, act, dtype) -> Array:
+  """`act(y * scale + shift)` in f32, cast to `dtype`: the jnp form of an
+  inference BN + activation that a producer applies (the epilogues)."""
+  z = y.astype(jnp.float32) * scale + shift
+  return (z if act is None else act(z)).astype(dtype)
+
+
 def depthwise_conv_affine_act(
   x: Array,
   kernel: Array,
@@ -208,9 +215,8 @@ def depthwise_conv_affine_act(
       out_hw,
       act,
     )
-  z = depthwise_conv(x, kernel, stride, impl).astype(jnp.float32)
-  z = z * scale + shift
-  return (z if act is None else act(z)).astype(x.dtype)
+  y = depthwise_conv(x, kernel, stride, impl)
+  return _affine_act(y, scale, shift, act, x.dtype)
 
 
 def _tap(src, r, c, size, stride):
@@ -356,8 +362,7 @@ def pointwise_affine_act(
     and jnp.dtype(kernel.dtype) == jnp.float32
   ):
     return native_pointwise.pointwise_affine_act(x, kernel, scale, shift, act)
-  z = pointwise(x, kernel).astype(jnp.float32) * scale + shift
-  return (z if act is None else act(z)).astype(x.dtype)
+  return _affine_act(pointwise(x, kernel), scale, shift, act, x.dtype)
 
 
 @jax.custom_vjp
@@ -578,9 +583,7 @@ class Conv(nn.Module):
       b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
       y = y + b.astype(self.dtype)
     if epilogue is not None:
-      scale, shift, act = epilogue
-      z = y.astype(jnp.float32) * scale + shift
-      y = (z if act is None else act(z)).astype(self.dtype)
+      y = _affine_act(y, *epilogue, self.dtype)
     return y
 
 
