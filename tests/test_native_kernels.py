@@ -159,7 +159,7 @@ def test_unknown_activation_uses_jnp():
 @pytest.mark.parametrize(
   'num_classes,anchors', [(90, 9), (3, 2), (16, 1), (21, 3)]
 )
-@pytest.mark.parametrize('gamma', [1.5, 2.0])
+@pytest.mark.parametrize('gamma', [1.5, 2.0, 0.5])  # 1.5, 2: s√s, s²; else exp
 def test_focal_loss_matches_jnp(num_classes, anchors, gamma):
   """Loss and gradient, with class ids for background (-1), ignored (-2)
   and every class; 90 classes = five 16-blocks and a padded 8-block tail,
@@ -283,6 +283,58 @@ def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
   with cpu_library.forced(True):
     got = layers.pointwise_affine_act(x, w, 2.0, 1.0, jnp.tanh)
   assert _rel(got, jnp.tanh(jnp.einsum('...c,cd->...d', x, w) * 2 + 1)) < 1e-5
+
+
+@pytest.mark.parametrize(
+  'shape,n',
+  [
+    ((2, 5, 7, 16), 96),  # 70 rows: eight-row groups and a tail of 6
+    ((3, 4, 4, 24), 144),  # K: a 16-block and a tail of 8
+    ((2, 9, 9, 27), 32),  # the stem's im2col width
+    ((1, 1, 3, 64), 16),  # K at its limit, fewer rows than a group
+    ((16, 64, 64, 16), 96),  # 65536 rows, 25 MiB out: several flushes
+    ((131072, 24), 64),  # 32 MiB out: the streaming-store path
+  ],
+)
+@pytest.mark.parametrize('act', [layers.swish, None, jax.nn.relu, layers.relu6])
+def test_pointwise_bn_train_matches_unfused(shape, n, act):
+  """The expand conv + training BN + activation (statistics summed as the
+  product is written; a backward that never writes the product's
+  gradient) against `pointwise` then `normalize_act_train` in jnp:
+  output, batch statistics and all four gradients."""
+  if np.prod(shape[:-1]) * n > 2_000_000 and act is not layers.swish:
+    # Once is enough; and at millions of values some land within rounding
+    # of relu's kink, where the two products' roundings pick other sides.
+    pytest.skip('large shapes with swish only')
+  x = jax.random.normal(jax.random.key(0), shape) + 0.5
+  w = jax.random.normal(jax.random.key(1), (shape[-1], n)) * 0.4
+  scale = jax.random.normal(jax.random.key(2), (n,)) * 2
+  bias = jax.random.normal(jax.random.key(3), (n,))
+  eps = 1e-3
+
+  def unfused(x, w, scale, bias):
+    y = jnp.einsum('...c,cd->...d', x, w, precision='highest')
+    return bn_lib.normalize_act_train(y, scale, bias, eps, act)
+
+  def fused(x, w, scale, bias):
+    return native_pointwise.pointwise_bn_act_train(x, w, scale, bias, eps, act)
+
+  def grads(fn, cot):
+    loss = lambda *a: jnp.sum(fn(*a)[0] * cot)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, scale, bias)
+
+  with cpu_library.forced(False):
+    want = jax.jit(unfused)(x, w, scale, bias)
+    cot = jax.random.normal(jax.random.key(4), want[0].shape)
+    g_want = grads(unfused, cot)
+  with cpu_library.forced(True):
+    assert native_pointwise.supports(x.dtype, shape[-1], n, act)
+    got = jax.jit(fused)(x, w, scale, bias)
+    g = grads(fused, cot)
+  for a, b in zip(got, want, strict=True):
+    assert _rel(a, b) < 2e-5
+  for a, b in zip(g, g_want, strict=True):
+    assert _rel(a, b) < 1e-4
 
 
 def _tiny_model():

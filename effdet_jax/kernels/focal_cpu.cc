@@ -5,8 +5,10 @@
 // the jnp form (effdet_jax/detection/focal.py) into four or five fusions
 // per direction, recomputing exp and log1p in each. Here each logit is read
 // once and its loss term and its derivative come from one exp, one log and
-// one exp for the modulating factor; the gradient is written for the
-// backward pass to scale by the loss's cotangent.
+// one exp for the modulating factor (for gamma 1.5 and 2, the defaults of
+// the official configs, s * sqrt(s) and s * s instead: the kernel is bound
+// by its transcendentals); the gradient is written for the backward pass
+// to scale by the loss's cotangent.
 //
 // Per logit x with z = -x for the anchor's class, z = x otherwise:
 //   e = exp(-|z|), softplus(z) = max(z, 0) + log1p(e),
@@ -22,6 +24,9 @@
 #include <vector>
 
 #include "cpu_common.h"
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,6 +45,26 @@ struct Constants {
   float alpha, gamma;
 };
 
+// How the modulating factor m = s^gamma is computed.
+enum class Power { kGeneral, kOneAndAHalf, kTwo };
+
+inline V16 Sqrt(V16 x) {
+#ifdef __AVX512F__
+  return reinterpret_cast<V16>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
+#else
+  for (int i = 0; i < 16; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+inline V8 Sqrt(V8 x) {
+#ifdef __AVX__
+  return reinterpret_cast<V8>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
+#else
+  for (int i = 0; i < 8; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+
 using effdet::Exp;
 
 // log1p(e) for e in (0, 1], given r = 1 / (1 + e): log of the rounded
@@ -57,7 +82,7 @@ inline V Select(decltype(V{} < V{}) mask, V a, V b) {
 }
 
 // Loss terms of one vector of logits; `positive` marks the anchor's class.
-template <typename V, typename M>
+template <Power P, typename V, typename M>
 inline V Term(V x, M positive, const Constants& k, V* grad) {
   const V z = Select<V>(positive, -x, x);
   const V zero = Splat<V>(0.f);
@@ -66,8 +91,15 @@ inline V Term(V x, M positive, const Constants& k, V* grad) {
   const V l1p = Log1pUnit(e, r);
   const V sp = Select<V>(z > zero, z, zero) + l1p;
   const V s = Select<V>(z >= zero, r, e * r);
-  const V log_s = Select<V>(z < zero, z, zero) - l1p;
-  const V m = Exp(k.gamma * log_s);
+  V m;
+  if constexpr (P == Power::kOneAndAHalf) {
+    m = s * Sqrt(s);
+  } else if constexpr (P == Power::kTwo) {
+    m = s * s;
+  } else {
+    const V log_s = Select<V>(z < zero, z, zero) - l1p;
+    m = Exp(k.gamma * log_s);
+  }
   const V alpha_t = Select<V>(positive, Splat<V>(k.alpha),
                               Splat<V>(1.f - k.alpha));
   const V am = alpha_t * m;
@@ -79,6 +111,7 @@ inline V Term(V x, M positive, const Constants& k, V* grad) {
 // One anchor's C logits: gradients to `g`, loss terms added to `acc`.
 // The last C mod 8 classes go through one 8-wide vector too (padded, the
 // padding's terms dropped): a scalar exp and log1p per logit cost more.
+template <Power P>
 void Anchor(const float* x, int32_t id, int64_t c, const Constants& k,
             float* g, V16* acc) {
   const I16 iota16 = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
@@ -87,7 +120,7 @@ void Anchor(const float* x, int32_t id, int64_t c, const Constants& k,
   for (; cb + 16 <= c; cb += 16) {
     V16 grad;
     const auto positive = (iota16 + static_cast<int32_t>(cb)) == id;
-    *acc += Term<V16>(Load<V16>(x + cb), positive, k, &grad);
+    *acc += Term<P, V16>(Load<V16>(x + cb), positive, k, &grad);
     Store<V16>(g + cb, grad);
   }
   V8 acc8 = Splat<V8>(0.f);
@@ -96,7 +129,7 @@ void Anchor(const float* x, int32_t id, int64_t c, const Constants& k,
     V8 v = Splat<V8>(0.f), grad;
     __builtin_memcpy(&v, x + cb, n * sizeof(float));
     const auto positive = (iota8 + static_cast<int32_t>(cb)) == id;
-    const V8 term = Term<V8>(v, positive, k, &grad);
+    const V8 term = Term<P, V8>(v, positive, k, &grad);
     acc8 += iota8 < static_cast<int32_t>(n) ? term : Splat<V8>(0.f);
     __builtin_memcpy(g + cb, &grad, n * sizeof(float));
   }
@@ -123,13 +156,16 @@ ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   const int64_t chunks =
       std::max<int64_t>(std::min(anchors, effdet::kReduceChunks), 1);
   std::vector<double> partial(chunks, 0.0);
+  auto anchor = k.gamma == 1.5f ? Anchor<Power::kOneAndAHalf>
+                : k.gamma == 2.f ? Anchor<Power::kTwo>
+                                 : Anchor<Power::kGeneral>;
   effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
     const int64_t hi = effdet::ChunkStart(anchors, chunks, chunk + 1);
     double sum = 0.0;
     V16 acc = Splat<V16>(0.f);
     int64_t pending = 0;
     for (int64_t a = effdet::ChunkStart(anchors, chunks, chunk); a < hi; ++a) {
-      Anchor(x + a * num_classes, id[a], num_classes, k, g + a * num_classes,
+      anchor(x + a * num_classes, id[a], num_classes, k, g + a * num_classes,
              &acc);
       if (++pending == kFlushAnchors || a + 1 == hi) {
         for (int i = 0; i < 16; ++i) sum += acc[i];
