@@ -1,6 +1,6 @@
 """Builds and registers the XLA:CPU custom calls in this folder.
 
-The C++ sources (`*.cc`, `cpu_common.h`) are compiled on first use with
+The C++ sources (`*.cc`, `*.h`) are compiled on first use with
 the system C++ compiler (`-O3 -march=native`) into one shared library in a
 per-user cache (`$EFFDET_KERNEL_CACHE`, else `~/.cache/effdet_jax/kernels`),
 keyed by the sources, jaxlib's FFI headers, the flags and the CPU. Without
@@ -36,6 +36,8 @@ TARGETS = (
   'EffdetBatchNormBackward',
   'EffdetFocalLoss',
   'EffdetPointwiseAffineAct',
+  'EffdetPointwiseBnForward',
+  'EffdetPointwiseBnBackward',
 )
 
 
@@ -68,7 +70,7 @@ def _build(compiler: str) -> pathlib.Path:
     raise OSError(f'no kernel sources in {_DIR} (package data not installed)')
   include = jax.ffi.include_dir()
   key = hashlib.sha256()
-  for path in [*_sources(), _DIR / 'cpu_common.h']:
+  for path in [*_sources(), *sorted(_DIR.glob('*.h'))]:
     key.update(path.name.encode() + path.read_bytes())
   key.update(pathlib.Path(include, 'xla/ffi/api/ffi.h').read_bytes())
   key.update(' '.join((compiler,) + _FLAGS).encode())

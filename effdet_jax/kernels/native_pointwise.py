@@ -1,9 +1,15 @@
-"""A 1x1 conv + inference BN + activation as one XLA:CPU custom call.
+"""A 1x1 conv with the BN + activation after it, as XLA:CPU custom calls.
 
-`pointwise_cpu.cc`: `act((x @ w) * scale + shift)` for few input channels
-(EfficientNet's expand layers at high resolution), one pass that writes
-the output once, where XLA:CPU runs a slow small-K dot and then a second
-elementwise pass. Inference only: the VJP goes through the jnp form.
+`pointwise_cpu.cc`, for few input channels (EfficientNet's expand layers
+at high resolution), where XLA:CPU runs a slow small-K dot and then more
+passes over its output, the largest tensor of the network:
+
+* inference, `pointwise_affine_act`: `act((x @ w) * scale + shift)` in
+  one pass that writes the output once (its VJP is the jnp form's);
+* training, `pointwise_bn_act_train`: `act(BN(x @ w))` with batch
+  statistics, summed as the product is written; its backward recomputes
+  BN's input gradient per group of rows and contracts it at once into
+  both gradients of the product, so that gradient is never written.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from effdet_jax.kernels import cpu_library
 
@@ -60,3 +67,56 @@ def _bwd(act, res, dy):
 
 
 pointwise_affine_act.defvjp(_fwd, _bwd)
+
+
+def _f32(shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def pointwise_bn_act_train(x, w, scale, bias, epsilon: float, act):
+  """(act(BN(x @ w)), batch mean, batch variance), training-mode BN over
+  all but the last axis (`models.batch_norm.normalize_act_train` of
+  `layers.pointwise(x, w)`, the same function). No gradient flows through
+  the returned statistics (they feed the running averages only)."""
+  return _bn_fwd(x, w, scale, bias, epsilon, act)[0]
+
+
+def _bn_fwd(x, w, scale, bias, epsilon, act):
+  rows, n = int(np.prod(x.shape[:-1])), w.shape[1]
+  y, z, mean, var = cpu_library.call(
+    'EffdetPointwiseBnForward',
+    (_f32((rows, n)), _f32((rows, n)), _f32((n,)), _f32((n,))),
+    x.reshape(rows, x.shape[-1]),
+    w,
+    scale,
+    bias,
+    epsilon=np.float32(epsilon),
+    act=np.int64(cpu_library.act_code(act)),
+  )
+  rstd = lax.rsqrt(var + epsilon)
+  out = (z.reshape(*x.shape[:-1], n), mean, var)
+  return out, (x, w, y, mean, rstd, scale, bias)
+
+
+def _bn_bwd(epsilon, act, res, cotangents):
+  del epsilon
+  x, w, y, mean, rstd, scale, bias = res
+  rows, n = y.shape
+  dx, dw, dscale, dbias = cpu_library.call(
+    'EffdetPointwiseBnBackward',
+    (_f32((rows, x.shape[-1])), _f32(w.shape), _f32((n,)), _f32((n,))),
+    x.reshape(rows, x.shape[-1]),
+    w,
+    y,
+    cotangents[0].reshape(rows, n),
+    scale,
+    bias,
+    mean,
+    rstd,
+    act=np.int64(cpu_library.act_code(act)),
+  )
+  return dx.reshape(x.shape), dw, dscale, dbias
+
+
+pointwise_bn_act_train.defvjp(_bn_fwd, _bn_bwd)

@@ -12,11 +12,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "batch_norm_math.h"
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -53,11 +55,14 @@ inline void StreamFence() {
 #endif
 }
 
-template <int R, int A, bool Stream>
+// R rows: y = act(x @ w * scale + shift), or with Stats plain y = x @ w,
+// its per-channel sum and sum of squares added into s1, s2.
+template <int R, int A, bool Stream, bool Stats = false>
 inline void Group(const float* __restrict x, const float* __restrict w,
                   const float* __restrict scale,
                   const float* __restrict shift, float* __restrict y,
-                  int64_t k, int64_t n) {
+                  int64_t k, int64_t n, float* __restrict s1 = nullptr,
+                  float* __restrict s2 = nullptr) {
   for (int64_t nb = 0; nb < n; nb += 16) {
     V16 acc[R];
 #pragma GCC unroll 8
@@ -67,16 +72,34 @@ inline void Group(const float* __restrict x, const float* __restrict w,
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r] += x[r * k + c] * wv;
     }
-    const V16 sc = Load<V16>(scale + nb), sh = Load<V16>(shift + nb);
+    V16 sc, sh, a1, a2;
+    if constexpr (Stats) {
+      a1 = Load<V16>(s1 + nb);
+      a2 = Load<V16>(s2 + nb);
+    } else {
+      sc = Load<V16>(scale + nb);
+      sh = Load<V16>(shift + nb);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const V16 out = effdet::Activate<A>(acc[r] * sc + sh);
+      V16 out;
+      if constexpr (Stats) {
+        out = acc[r];
+        a1 += out;
+        a2 += out * out;
+      } else {
+        out = effdet::Activate<A>(acc[r] * sc + sh);
+      }
       float* p = y + r * n + nb;
       if constexpr (Stream) {
         StreamStore(p, out);
       } else {
         Store<V16>(p, out);
       }
+    }
+    if constexpr (Stats) {
+      Store<V16>(s1 + nb, a1);
+      Store<V16>(s2 + nb, a2);
     }
   }
 }
@@ -136,6 +159,254 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return effdet::WithAct(act, run);
 }
 
+// ---------------------------------------------------------------------------
+// Training: the expand conv with the BN + activation after it.
+//
+// Forward: y = x @ w, written once, with BN's batch statistics of y summed
+// from the accumulators as they are stored (BN's own pass over y to sum it
+// is not needed); then z = act(BN(y)). Backward: after BN's reductions over
+// (y, dz), each group of rows recomputes BN's input gradient dy in
+// registers and contracts it at once into dx = dy w^T and dw = x^T dy: dy,
+// the largest tensor of the backward, is never written nor read back (XLA
+// read it once per product). Sums are in fixed chunks, flushed from f32 into
+// double every kFlushGroups groups, added in chunk order: deterministic.
+
+constexpr int64_t kFlushGroups = 16;
+constexpr int64_t kPrefetchGroups = 2;  // how far ahead BackGroup prefetches
+
+template <bool Stream>
+void StatsRows(const float* x, const float* w, float* y, int64_t lo,
+               int64_t hi, int64_t k, int64_t n, float* b1, float* b2) {
+  int64_t r = lo;
+  for (; r + kRows <= hi; r += kRows) {
+    Group<kRows, effdet::kNone, Stream, true>(x + r * k, w, nullptr, nullptr,
+                                              y + r * n, k, n, b1, b2);
+  }
+  for (; r < hi; ++r) {
+    Group<1, effdet::kNone, Stream, true>(x + r * k, w, nullptr, nullptr,
+                                          y + r * n, k, n, b1, b2);
+  }
+}
+
+// Fixed chunks of whole row groups for the loops that reduce.
+struct GroupChunks {
+  int64_t m, groups, chunks;
+  explicit GroupChunks(int64_t rows)
+      : m(rows),
+        groups((rows + kRows - 1) / kRows),
+        chunks(std::max<int64_t>(
+            std::min<int64_t>(groups, effdet::kReduceChunks), 1)) {}
+  // Row range [lo, hi) of groups [g0, g1).
+  int64_t Row(int64_t g) const { return std::min(g * kRows, m); }
+  int64_t First(int64_t chunk) const {
+    return effdet::ChunkStart(groups, chunks, chunk);
+  }
+};
+
+template <int A>
+void BnForwardImpl(ffi::ThreadPool& pool, const float* x, const float* w,
+                   const float* scale, const float* bias, float eps,
+                   int64_t m, int64_t k, int64_t n, float* y, float* z,
+                   float* mean, float* var) {
+  const GroupChunks gc(m);
+  std::vector<double> p1(gc.chunks * n, 0.0), p2(gc.chunks * n, 0.0);
+  const bool stream = m * n * 4 >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(y) % 64 == 0;
+  effdet::ParallelFor(pool, gc.chunks, [&](int64_t chunk) {
+    std::vector<float> b1(n), b2(n);
+    double* d1 = p1.data() + chunk * n;
+    double* d2 = p2.data() + chunk * n;
+    const int64_t g_hi = gc.First(chunk + 1);
+    for (int64_t g0 = gc.First(chunk); g0 < g_hi; g0 += kFlushGroups) {
+      std::fill(b1.begin(), b1.end(), 0.f);
+      std::fill(b2.begin(), b2.end(), 0.f);
+      const int64_t lo = gc.Row(g0), hi = gc.Row(std::min(g_hi, g0 + kFlushGroups));
+      if (stream) {
+        StatsRows<true>(x, w, y, lo, hi, k, n, b1.data(), b2.data());
+      } else {
+        StatsRows<false>(x, w, y, lo, hi, k, n, b1.data(), b2.data());
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        d1[t] += b1[t];
+        d2[t] += b2[t];
+      }
+    }
+    if (stream) StreamFence();
+  });
+  std::vector<double> s1(n, 0.0), s2(n, 0.0);
+  for (int64_t c = 0; c < gc.chunks; ++c) {
+    for (int64_t t = 0; t < n; ++t) {
+      s1[t] += p1[c * n + t];
+      s2[t] += p2[c * n + t];
+    }
+  }
+  std::vector<float> mul(n);
+  effdet::Moments(s1, s2, m, scale, eps, mean, var, mul.data());
+  const int64_t chunks = effdet::LoopChunks(m, pool);
+  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t hi = effdet::ChunkStart(m, chunks, chunk + 1);
+    for (int64_t r = effdet::ChunkStart(m, chunks, chunk); r < hi; ++r) {
+      effdet::NormalizeRow<A>(y + r * n, mean, mul.data(), bias, n, z + r * n);
+    }
+  });
+}
+
+// BN's per-channel inputs to its input gradient.
+struct BnArgs {
+  const float *scale, *bias, *mean, *rstd;
+  const effdet::BnGrad* g;
+};
+
+// R rows of the backward: dy (BN's input gradient) into the scratch `dyb`
+// and into the kernel gradient `dw` (f32, [K, N]); then dx = dy w^T, with
+// `wt` = w^T, each row zero-padded to kp (a multiple of 16) channels.
+template <int A, int R>
+inline void BackGroup(const float* __restrict x, const float* __restrict wt,
+                      const float* __restrict y, const float* __restrict dz,
+                      const BnArgs& bn, float* __restrict dyb,
+                      float* __restrict dw, float* __restrict dx, int64_t k,
+                      int64_t kp, int64_t n) {
+  // The next groups' rows of y and dz: the loads below otherwise wait on
+  // memory (perf: most of this loop's time), two streams the hardware
+  // prefetcher did not keep ahead of. (A prefetch past the end is a no-op.)
+  const int64_t ahead = kPrefetchGroups * R * n;
+  for (int64_t i = 0; i < R * n; i += 16) {
+    __builtin_prefetch(y + ahead + i);
+    __builtin_prefetch(dz + ahead + i);
+  }
+  for (int64_t nb = 0; nb < n; nb += 16) {
+    const effdet::BnGradConsts<V16> bc(bn.scale, bn.bias, bn.mean, bn.rstd,
+                                       *bn.g, nb);
+    V16 d[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      d[r] = bc.template operator()<A>(Load<V16>(y + r * n + nb),
+                                       Load<V16>(dz + r * n + nb));
+      Store<V16>(dyb + r * n + nb, d[r]);
+    }
+    for (int64_t c = 0; c < k; ++c) {
+      V16 a = Load<V16>(dw + c * n + nb);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a += x[r * k + c] * d[r];
+      Store<V16>(dw + c * n + nb, a);
+    }
+  }
+  for (int64_t kb = 0; kb < kp; kb += 16) {
+    V16 a[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) a[r] = Splat<V16>(0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const V16 wv = Load<V16>(wt + j * kp + kb);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] += dyb[r * n + j] * wv;
+    }
+    const int64_t len = std::min<int64_t>(16, k - kb);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __builtin_memcpy(dx + r * k + kb, &a[r], len * sizeof(float));
+    }
+  }
+}
+
+template <int A>
+void BnBackwardImpl(ffi::ThreadPool& pool, const float* x, const float* w,
+                    const float* y, const float* dz, const float* scale,
+                    const float* bias, const float* mean, const float* rstd,
+                    int64_t m, int64_t k, int64_t n, float* dx, float* dw,
+                    float* dscale, float* dbias) {
+  const effdet::BnGrad g = effdet::BackwardSums<A>(
+      pool, y, dz, scale, bias, mean, rstd, m, n, dscale, dbias);
+  const BnArgs bn{scale, bias, mean, rstd, &g};
+  const int64_t kp = (k + 15) / 16 * 16;
+  std::vector<float> wt(n * kp, 0.f);
+  for (int64_t c = 0; c < k; ++c) {
+    for (int64_t j = 0; j < n; ++j) wt[j * kp + c] = w[c * n + j];
+  }
+  const GroupChunks gc(m);
+  std::vector<double> partial(gc.chunks * k * n, 0.0);
+  effdet::ParallelFor(pool, gc.chunks, [&](int64_t chunk) {
+    std::vector<float> dyb(kRows * n), acc(k * n);
+    double* d = partial.data() + chunk * k * n;
+    const int64_t g_hi = gc.First(chunk + 1);
+    for (int64_t g0 = gc.First(chunk); g0 < g_hi; g0 += kFlushGroups) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t hi = gc.Row(std::min(g_hi, g0 + kFlushGroups));
+      int64_t r = gc.Row(g0);
+      for (; r + kRows <= hi; r += kRows) {
+        BackGroup<A, kRows>(x + r * k, wt.data(), y + r * n, dz + r * n, bn,
+                            dyb.data(), acc.data(), dx + r * k, k, kp, n);
+      }
+      for (; r < hi; ++r) {
+        BackGroup<A, 1>(x + r * k, wt.data(), y + r * n, dz + r * n, bn,
+                        dyb.data(), acc.data(), dx + r * k, k, kp, n);
+      }
+      for (int64_t i = 0; i < k * n; ++i) d[i] += acc[i];
+    }
+  });
+  for (int64_t i = 0; i < k * n; ++i) {
+    double sum = 0.0;
+    for (int64_t c = 0; c < gc.chunks; ++c) sum += partial[c * k * n + i];
+    dw[i] = static_cast<float>(sum);
+  }
+}
+
+// x [M, K] and w [K, N] with K <= kMaxIn and N a multiple of 16.
+ffi::Error CheckMatmul(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+                       int64_t* m, int64_t* k, int64_t* n) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("pointwise: x [M, K], w [K, N]");
+  }
+  *m = xd[0];
+  *k = wd[0];
+  *n = wd[1];
+  if (*n % 16 != 0 || *k > kMaxIn || *m == 0) {
+    return ffi::Error::InvalidArgument(
+        "pointwise: N a multiple of 16, K <= 64, M > 0");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PointwiseBnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> w,
+                              ffi::Buffer<ffi::F32> scale,
+                              ffi::Buffer<ffi::F32> bias,
+                              ffi::ResultBuffer<ffi::F32> y,
+                              ffi::ResultBuffer<ffi::F32> z,
+                              ffi::ResultBuffer<ffi::F32> mean,
+                              ffi::ResultBuffer<ffi::F32> var, float epsilon,
+                              int64_t act) {
+  int64_t m, k, n;
+  if (auto e = CheckMatmul(x, w, &m, &k, &n); e.failure()) return e;
+  auto run = [&]<int A>() {
+    BnForwardImpl<A>(pool, x.typed_data(), w.typed_data(), scale.typed_data(),
+                     bias.typed_data(), epsilon, m, k, n, y->typed_data(),
+                     z->typed_data(), mean->typed_data(), var->typed_data());
+  };
+  return effdet::WithAct(act, run);
+}
+
+ffi::Error PointwiseBnBackward(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+    ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> dz,
+    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+    ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> rstd,
+    ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
+    ffi::ResultBuffer<ffi::F32> dscale, ffi::ResultBuffer<ffi::F32> dbias,
+    int64_t act) {
+  int64_t m, k, n;
+  if (auto e = CheckMatmul(x, w, &m, &k, &n); e.failure()) return e;
+  auto run = [&]<int A>() {
+    BnBackwardImpl<A>(pool, x.typed_data(), w.typed_data(), y.typed_data(),
+                      dz.typed_data(), scale.typed_data(), bias.typed_data(),
+                      mean.typed_data(), rstd.typed_data(), m, k, n,
+                      dx->typed_data(), dw->typed_data(),
+                      dscale->typed_data(), dbias->typed_data());
+  };
+  return effdet::WithAct(act, run);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseAffineAct, PointwiseAffineAct,
@@ -146,4 +417,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseAffineAct, PointwiseAffineAct,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseBnForward, PointwiseBnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [K, N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // BN scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // BN bias
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y = x @ w
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // act(BN(y))
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // var
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseBnBackward, PointwiseBnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dz
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dscale
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbias
                                   .Attr<int64_t>("act"));

@@ -114,10 +114,21 @@ class BatchNorm(nn.Module):
   act: Activation = None
 
   @nn.compact
-  def __call__(self, x: Array, affine_only: bool = False) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    affine_only: bool = False,
+    fused: Callable[..., tuple[Array, Array, Array]] | None = None,
+  ) -> Array:
     """act(BN(x)); with `affine_only` (inference mode), instead the
     per-channel (multiplier, shift) that BN(x) = x * multiplier + shift,
-    for a producer that applies them itself."""
+    for a producer that applies them itself.
+
+    `fused` (training mode): `fused(scale, bias, epsilon, act)` returns
+    (act(BN(input)), batch mean, batch variance) for an input its producer
+    computes itself (`layers.Conv(..., bn=)`); `x` gives only the feature
+    count then.
+    """
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -137,7 +148,10 @@ class BatchNorm(nn.Module):
       mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
       z = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
       return _apply(self.act, z).astype(self.dtype)
-    y, mean, var = normalize_act_train(x, scale, bias, self.epsilon, self.act)
+    if fused is not None:
+      y, mean, var = fused(scale, bias, self.epsilon, self.act)
+    else:
+      y, mean, var = normalize_act_train(x, scale, bias, self.epsilon, self.act)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)

@@ -72,17 +72,18 @@ class ResampleFeatureMap(nn.Module):
   def _maybe_1x1(self, x: Array, train: bool) -> Array:
     if x.shape[-1] == self.num_filters:
       return x
-    x = layers.conv(
+    conv = layers.conv(
       self.num_filters,
       1,
       use_bias=True,
       kernel_init=layers.glorot_uniform,
       dtype=self.dtype,
       name='conv2d',
-    )(x)
+      impl=self.depthwise_impl,
+    )
     if self.apply_bn:
-      x = layers.batch_norm(train, self.dtype, 'bn')(x)
-    return x
+      return conv(x, bn=layers.batch_norm(train, self.dtype, 'bn'))
+    return conv(x)
 
   @nn.compact
   def __call__(
@@ -127,24 +128,25 @@ class OpAfterCombine(nn.Module):
     if not self.conv_bn_act_pattern:
       x = self.act(x)
     if self.separable:
-      x = layers.SeparableConv(
+      conv = layers.SeparableConv(
         self.num_filters,
         use_bias=not self.conv_bn_act_pattern,
         dtype=self.dtype,
         impl=self.depthwise_impl,
         name='conv',
-      )(x)
+      )
     else:
-      x = layers.conv(
+      conv = layers.conv(
         self.num_filters,
         3,
         use_bias=not self.conv_bn_act_pattern,
         kernel_init=layers.glorot_uniform,
         dtype=self.dtype,
         name='conv',
-      )(x)
+        impl=self.depthwise_impl,
+      )
     act = self.act if self.conv_bn_act_pattern else None
-    return layers.batch_norm(train, self.dtype, 'bn', act)(x)
+    return conv(x, bn=layers.batch_norm(train, self.dtype, 'bn', act))
 
 
 def _add_n(xs: Sequence[Array]) -> Array:

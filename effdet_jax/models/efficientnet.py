@@ -183,7 +183,9 @@ class MBConvBlock(nn.Module):
       expand = conv(expanded, next(conv_names))
       bn0 = bn(self.act)
       if train:
-        x = bn0(expand(x))
+        # Statistics and normalisation with the matrix product where a
+        # kernel does both (`layers.Conv(bn=)`).
+        x = expand(x, bn=bn0)
       else:
         # Inference BN is per-channel affine: the conv applies it (and the
         # activation) as it writes (`layers.pointwise_affine_act`). BN reads
@@ -328,7 +330,7 @@ class _Stem(nn.Module):
       train, self.dtype, 'tpu_batch_normalization', self.act
     )
     if train:
-      return bn(conv(x))
+      return conv(x, bn=bn)
     # Inference: the conv applies the BN's affine and the activation (one
     # pass where it is an im2col product with a kernel, as in MBConvBlock).
     affine = bn(jnp.zeros((0, self.filters), x.dtype), affine_only=True)

@@ -58,10 +58,10 @@ class HeadNet(nn.Module):
       level = self.min_level + level_id
       for i in range(self.repeats):
         skip = x
-        x = convs[i](x)
-        x = layers.batch_norm(
+        bn = layers.batch_norm(
           train, self.dtype, f'{self.prefix}-{i}-bn-{level}', act
-        )(x)
+        )
+        x = convs[i](x, bn=bn) if self.separable else bn(convs[i](x))
         if i > 0 and self.survival_prob:
           rng = self.make_rng('dropout') if train else None
           x = layers.drop_connect(x, self.survival_prob, rng) + skip

@@ -496,7 +496,9 @@ class SeparableConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, bn: BatchNorm | None = None) -> Array:
+    """`bn`: returns `bn(separable_conv(x))`, the 1x1 product computed with
+    a training-mode BN where a kernel does both (`Conv(bn=)`)."""
     k, cin = self.kernel_size, x.shape[-1]
     dw = self.param(
       'depthwise_kernel', self.depthwise_init, (k, k, cin, 1), jnp.float32
@@ -508,11 +510,16 @@ class SeparableConv(nn.Module):
       jnp.float32,
     )
     x = depthwise_conv(x.astype(self.dtype), dw, 1, self.impl)
-    x = pointwise(x, pw[0, 0].astype(self.dtype))
+    b = None
     if self.use_bias:
       b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
+    if bn is not None and _fuses_train_bn(x, pw, bn, self.impl):
+      fused = _pointwise_train_bn(x, pw[0, 0], b)
+      return bn(jnp.zeros((0, self.features), x.dtype), fused=fused)
+    x = pointwise(x, pw[0, 0].astype(self.dtype))
+    if b is not None:
       x = x + b.astype(self.dtype)
-    return x
+    return x if bn is None else bn(x)
 
 
 class Conv(nn.Module):
@@ -539,6 +546,7 @@ class Conv(nn.Module):
     x: Array,
     gate: Array | None = None,
     epilogue: tuple[Array, Array, Callable | None] | None = None,
+    bn: BatchNorm | None = None,
   ) -> Array:
     """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first.
 
@@ -546,6 +554,11 @@ class Conv(nn.Module):
     `act(conv(x) * scale + shift)` (the inference BN after the conv), in
     the same pass where the conv is a matrix product that
     `pointwise_affine_act` has a kernel for (1x1, or im2col).
+
+    `bn`, without bias, gate or epilogue: returns `bn(conv(x))`; in
+    training, where the conv is a 1x1 that `native_pointwise` has a kernel
+    for, the BN (statistics, normalisation, activation and their gradient)
+    is computed with the matrix product (`pointwise_bn_act_train`).
     """
     k = self.kernel_size
     kernel = self.param(
@@ -556,6 +569,19 @@ class Conv(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    if bn is not None:
+      if gate is not None or epilogue is not None:
+        raise ValueError('Conv: a bn needs a conv without gate/epilogue')
+      b = self._bias()
+      if (
+        k == 1
+        and self.stride == 1
+        and _fuses_train_bn(x, kernel, bn, self.impl)
+      ):
+        fused = _pointwise_train_bn(x, kernel[0, 0], b)
+        return bn(jnp.zeros((0, self.features), x.dtype), fused=fused)
+      y = _dense_conv(x, kernel, self.stride, self.impl)
+      return bn(y if b is None else y + b.astype(self.dtype))
     if epilogue is not None:
       if gate is not None or self.use_bias:
         raise ValueError('Conv: an epilogue needs a conv without bias/gate')
@@ -567,24 +593,66 @@ class Conv(nn.Module):
       if k != 1 or self.stride != 1:
         raise ValueError('Conv: a gate needs a 1x1 stride-1 conv')
       y = pointwise_gated(x, gate.astype(self.dtype), kernel[0, 0])
-    elif k == 1 and self.stride == 1:
-      y = pointwise(x, kernel[0, 0])
-    elif _use_im2col(k, x.shape[-1], self.impl):
-      y = conv_im2col(x, kernel, self.stride)
     else:
-      y = lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(self.stride, self.stride),
-        padding='SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      )
+      y = _dense_conv(x, kernel, self.stride, self.impl)
     if self.use_bias:
-      b = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-      y = y + b.astype(self.dtype)
+      y = y + self._bias().astype(self.dtype)
     if epilogue is not None:
       y = _affine_act(y, *epilogue, self.dtype)
     return y
+
+  def _bias(self) -> Array | None:
+    if not self.use_bias:
+      return None
+    return self.param('bias', self.bias_init, (self.features,), jnp.float32)
+
+
+def _dense_conv(x: Array, kernel: Array, stride: int, impl: str) -> Array:
+  """TF-SAME conv: a matrix product (1x1), im2col (narrow), else XLA's."""
+  k = kernel.shape[0]
+  if k == 1 and stride == 1:
+    return pointwise(x, kernel[0, 0])
+  if _use_im2col(k, x.shape[-1], impl):
+    return conv_im2col(x, kernel, stride)
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=(stride, stride),
+    padding='SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )
+
+
+def _fuses_train_bn(x: Array, kernel: Array, bn: BatchNorm, impl: str) -> bool:
+  """Whether `native_pointwise.pointwise_bn_act_train` computes this 1x1
+  conv (`kernel` [1, 1, C, D]) with the training-mode `bn` after it: the
+  CPU kernels are on (`impl` 'auto'/'native', the model's
+  `depthwise_impl`) and have a kernel for the shape."""
+  return (
+    not bn.use_running_average
+    and impl in ('auto', 'native')
+    and jnp.dtype(kernel.dtype) == jnp.float32
+    and native_pointwise.supports(x.dtype, *kernel.shape[2:], bn.act)
+  )
+
+
+def _pointwise_train_bn(x: Array, w: Array, bias: Array | None):
+  """`BatchNorm(fused=)` for BN(x @ w + bias) in training mode.
+
+  The bias is left out of the product: a per-channel constant moves the
+  batch mean by itself and leaves the batch variance, so the normalised
+  output is the same and the bias's gradient is zero (the official code's
+  autodiff gives rounding noise there); it is added to the mean the
+  running average sees.
+  """
+
+  def fused(scale, beta, epsilon, act):
+    z, mean, var = native_pointwise.pointwise_bn_act_train(
+      x, w, scale, beta, epsilon, act
+    )
+    return z, (mean if bias is None else mean + bias), var
+
+  return fused
 
 
 # A k x k conv over few input channels (the stem: 3x3 over RGB) is an
