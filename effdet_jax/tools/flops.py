@@ -72,10 +72,25 @@ def count_flops(
 
   Args:
     fn: a JAX function; args may be `jax.ShapeDtypeStruct`s.
-    skip_scopes: name-stack strings (module paths) whose equations count 0.
+    skip_scopes: module paths whose equations count 0 (called from their
+      parent, or from a module of the parent, `parent/conv/name`).
     swish_muls: multiplies per element the reference counts for a swish.
   """
   skip = set(skip_scopes)
+  # A module called from inside another's call (a BatchNorm passed to
+  # `layers.Conv(bn=)`) runs under the caller's name stack, `P/conv/bn`
+  # for the module `P/bn`: a scope matches that way too.
+  by_name: dict[str, list[str]] = {}
+  for scope in skip:
+    prefix, _, name = scope.rpartition('/')
+    by_name.setdefault(name, []).append(prefix + '/')
+
+  def _in_skipped_scope(stack: str) -> bool:
+    if stack in skip:
+      return True
+    name = stack.rpartition('/')[2]
+    return any(stack.startswith(p) for p in by_name.get(name, ()))
+
   # Traced with the jnp forms: the CPU kernels' custom calls (depthwise,
   # the fused 1x1 conv + BN) hide their arithmetic from this walk. (This
   # clears JAX's caches: see `cpu_library.forced`.)
@@ -91,7 +106,7 @@ def count_flops(
         for s in subs:
           walk(s)
         continue
-      if str(eqn.source_info.name_stack) in skip:
+      if _in_skipped_scope(str(eqn.source_info.name_stack)):
         continue
       flops = _eqn_flops(eqn)
       if eqn.primitive.name == 'mul' and swish_muls != 1 and _is_swish(eqn):
