@@ -24,20 +24,9 @@ namespace {
 
 using effdet::BnGrad;
 using effdet::ForChannels;
+using effdet::ForEachRow;
 using effdet::V16;
 using effdet::WithAct;
-
-// Elementwise over all rows.
-void ForEachRow(ffi::ThreadPool& pool, int64_t rows,
-                const std::function<void(int64_t)>& row) {
-  const int64_t chunks = effdet::LoopChunks(rows, pool);
-  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const int64_t hi = effdet::ChunkStart(rows, chunks, chunk + 1);
-    for (int64_t r = effdet::ChunkStart(rows, chunks, chunk); r < hi; ++r) {
-      row(r);
-    }
-  });
-}
 
 template <int A>
 void ForwardImpl(ffi::ThreadPool& pool, const float* x, const float* scale,

@@ -86,6 +86,16 @@ inline void Sums(ffi::ThreadPool& pool, int64_t rows, int64_t c,
   }
 }
 
+// row(r) for every row, elementwise passes over the pool.
+inline void ForEachRow(ffi::ThreadPool& pool, int64_t rows,
+                       const std::function<void(int64_t)>& row) {
+  const int64_t chunks = LoopChunks(rows, pool);
+  ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t hi = ChunkStart(rows, chunks, chunk + 1);
+    for (int64_t r = ChunkStart(rows, chunks, chunk); r < hi; ++r) row(r);
+  });
+}
+
 // Batch mean and (fast) variance from the sums; `mul` = rstd * scale with
 // the jnp form's rounding steps (rsqrt(var + eps) * scale).
 inline void Moments(const std::vector<double>& s1,

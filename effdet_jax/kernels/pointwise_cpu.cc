@@ -104,16 +104,19 @@ inline void Group(const float* __restrict x, const float* __restrict w,
   }
 }
 
-template <int A, bool Stream>
+// Rows [lo, hi) in groups of kRows, then one by one (Group's arguments).
+template <int A, bool Stream, bool Stats = false>
 void Rows(const float* x, const float* w, const float* scale,
           const float* shift, float* y, int64_t lo, int64_t hi, int64_t k,
-          int64_t n) {
+          int64_t n, float* s1 = nullptr, float* s2 = nullptr) {
   int64_t r = lo;
   for (; r + kRows <= hi; r += kRows) {
-    Group<kRows, A, Stream>(x + r * k, w, scale, shift, y + r * n, k, n);
+    Group<kRows, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * n, k,
+                                   n, s1, s2);
   }
   for (; r < hi; ++r) {
-    Group<1, A, Stream>(x + r * k, w, scale, shift, y + r * n, k, n);
+    Group<1, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * n, k, n,
+                               s1, s2);
   }
 }
 
@@ -174,20 +177,6 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 constexpr int64_t kFlushGroups = 16;
 constexpr int64_t kPrefetchGroups = 2;  // how far ahead BackGroup prefetches
 
-template <bool Stream>
-void StatsRows(const float* x, const float* w, float* y, int64_t lo,
-               int64_t hi, int64_t k, int64_t n, float* b1, float* b2) {
-  int64_t r = lo;
-  for (; r + kRows <= hi; r += kRows) {
-    Group<kRows, effdet::kNone, Stream, true>(x + r * k, w, nullptr, nullptr,
-                                              y + r * n, k, n, b1, b2);
-  }
-  for (; r < hi; ++r) {
-    Group<1, effdet::kNone, Stream, true>(x + r * k, w, nullptr, nullptr,
-                                          y + r * n, k, n, b1, b2);
-  }
-}
-
 // Fixed chunks of whole row groups for the loops that reduce.
 struct GroupChunks {
   int64_t m, groups, chunks;
@@ -196,7 +185,7 @@ struct GroupChunks {
         groups((rows + kRows - 1) / kRows),
         chunks(std::max<int64_t>(
             std::min<int64_t>(groups, effdet::kReduceChunks), 1)) {}
-  // Row range [lo, hi) of groups [g0, g1).
+  // First row of group g (m past the last group).
   int64_t Row(int64_t g) const { return std::min(g * kRows, m); }
   int64_t First(int64_t chunk) const {
     return effdet::ChunkStart(groups, chunks, chunk);
@@ -222,9 +211,11 @@ void BnForwardImpl(ffi::ThreadPool& pool, const float* x, const float* w,
       std::fill(b2.begin(), b2.end(), 0.f);
       const int64_t lo = gc.Row(g0), hi = gc.Row(std::min(g_hi, g0 + kFlushGroups));
       if (stream) {
-        StatsRows<true>(x, w, y, lo, hi, k, n, b1.data(), b2.data());
+        Rows<effdet::kNone, true, true>(x, w, nullptr, nullptr, y, lo, hi, k,
+                                        n, b1.data(), b2.data());
       } else {
-        StatsRows<false>(x, w, y, lo, hi, k, n, b1.data(), b2.data());
+        Rows<effdet::kNone, false, true>(x, w, nullptr, nullptr, y, lo, hi, k,
+                                         n, b1.data(), b2.data());
       }
       for (int64_t t = 0; t < n; ++t) {
         d1[t] += b1[t];
@@ -242,12 +233,8 @@ void BnForwardImpl(ffi::ThreadPool& pool, const float* x, const float* w,
   }
   std::vector<float> mul(n);
   effdet::Moments(s1, s2, m, scale, eps, mean, var, mul.data());
-  const int64_t chunks = effdet::LoopChunks(m, pool);
-  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
-    const int64_t hi = effdet::ChunkStart(m, chunks, chunk + 1);
-    for (int64_t r = effdet::ChunkStart(m, chunks, chunk); r < hi; ++r) {
-      effdet::NormalizeRow<A>(y + r * n, mean, mul.data(), bias, n, z + r * n);
-    }
+  effdet::ForEachRow(pool, m, [&](int64_t r) {
+    effdet::NormalizeRow<A>(y + r * n, mean, mul.data(), bias, n, z + r * n);
   });
 }
 
