@@ -236,6 +236,10 @@ def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
     ((3, 4, 4, 40), 32),
     ((1, 1, 3, 64), 16),  # K at its limit, fewer rows than a group
     ((131072, 24), 64),  # 32 MiB out: the streaming-store path
+    ((2, 5, 7, 64), 810),  # the class predict's width: a 10-lane last block
+    ((3, 4, 4, 64), 36),  # the box predict's (9 anchors x 4)
+    ((1, 3, 3, 8), 1),  # one lane
+    ((16384, 64), 90),  # 5.6 MiB out, plain stores past a partial block
   ],
 )
 @pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu, layers.relu6])
@@ -256,7 +260,11 @@ def test_pointwise_affine_act_matches_unfused(shape, n, act):
     return layers.pointwise_affine_act(x, w, scale, shift, act)
 
   with cpu_library.forced(True):
-    assert native_pointwise.supports(x.dtype, shape[-1], n, act)
+    assert native_pointwise.supports(x.dtype, shape[-1], n, act, True)
+    assert (
+      'EffdetPointwiseAffineAct'
+      in jax.jit(fused).lower(x, w, scale, shift).as_text()
+    )
     got = jax.jit(fused)(x, w, scale, shift)
     cot = jax.random.normal(jax.random.key(4), got.shape)
     g = jax.grad(lambda *a: jnp.sum(fused(*a) * cot), argnums=(0, 1, 2, 3))(
@@ -271,9 +279,58 @@ def test_pointwise_affine_act_matches_unfused(shape, n, act):
     assert _rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize(
+  'size,stride,cin,n',
+  [
+    ((512, 512), 2, 3, 32),  # the D0 stem at batch 2 (streaming stores)
+    ((9, 9), 2, 3, 32),  # odd: a padded row and column never read
+    ((7, 10), 1, 3, 20),  # stride 1, a partial channel block
+    ((5, 6), 2, 7, 16),  # 63 patch channels, at the kernel's limit
+  ],
+)
+def test_im2col_affine_act_matches_conv(size, stride, cin, n):
+  """The stem's conv + inference BN + swish from the padded image in one
+  kernel (patches gathered per group of pixels) against XLA's convolution
+  then the affine and activation; gradients through the jnp form."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, cin))
+  k = jax.random.normal(jax.random.key(1), (3, 3, cin, n)) * 0.3
+  scale = jax.random.normal(jax.random.key(2), (n,))
+  shift = jax.random.normal(jax.random.key(3), (n,))
+
+  def ref(x, k, scale, shift):
+    y = jax.lax.conv_general_dilated(
+      x,
+      k,
+      (stride, stride),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest',
+    )
+    return layers.swish(y * scale + shift)
+
+  def fused(x, k, scale, shift):
+    return layers.conv_im2col(x, k, stride, (scale, shift, layers.swish))
+
+  with cpu_library.forced(True):
+    text = jax.jit(fused).lower(x, k, scale, shift).as_text()
+    assert 'EffdetIm2colAffineAct' in text and 'concatenate' not in text
+    got = jax.jit(fused)(x, k, scale, shift)
+    cot = jax.random.normal(jax.random.key(4), got.shape)
+    g = jax.grad(lambda *a: jnp.sum(fused(*a) * cot), argnums=(0, 1, 2, 3))(
+      x, k, scale, shift
+    )
+  assert _rel(got, ref(x, k, scale, shift)) < 1e-5
+  g_want = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1, 2, 3))(
+    x, k, scale, shift
+  )
+  for a, b in zip(g, g_want, strict=True):
+    assert _rel(a, b) < 1e-4
+
+
 def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
-  """Wide inputs (K > 64), N not a multiple of 16 and unknown activations
-  take the jnp form, which computes the same function."""
+  """Wide inputs (K > 64) and unknown activations take the jnp form, which
+  computes the same function; N not a multiple of 16 only in inference
+  (the training kernels want whole 16-channel blocks)."""
   assert not native_pointwise.supports(jnp.float32, 80, 96, layers.swish)
   assert not native_pointwise.supports(jnp.float32, 16, 40, layers.swish)
   assert not native_pointwise.supports(jnp.float32, 16, 96, jnp.tanh)
@@ -281,6 +338,7 @@ def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 80))
   w = jax.random.normal(jax.random.key(1), (80, 40))
   with cpu_library.forced(True):
+    assert native_pointwise.supports(jnp.float32, 16, 40, layers.swish, True)
     got = layers.pointwise_affine_act(x, w, 2.0, 1.0, jnp.tanh)
   assert _rel(got, jnp.tanh(jnp.einsum('...c,cd->...d', x, w) * 2 + 1)) < 1e-5
 

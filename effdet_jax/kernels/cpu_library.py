@@ -36,6 +36,7 @@ TARGETS = (
   'EffdetBatchNormBackward',
   'EffdetFocalLoss',
   'EffdetPointwiseAffineAct',
+  'EffdetIm2colAffineAct',
   'EffdetPointwiseBnForward',
   'EffdetPointwiseBnBackward',
 )

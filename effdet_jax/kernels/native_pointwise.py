@@ -26,12 +26,16 @@ from effdet_jax.kernels import cpu_library
 MAX_IN = 64  # pointwise_cpu.cc kMaxIn
 
 
-def supports(dtype, in_channels: int, out_channels: int, act) -> bool:
-  """f32, K <= 64, N a multiple of 16, a known activation, kernels on."""
+def supports(
+  dtype, in_channels: int, out_channels: int, act, any_width: bool = False
+) -> bool:
+  """f32, K <= 64, N a multiple of 16 (any N with `any_width`: the
+  inference `pointwise_affine_act` pads the weights' columns), a known
+  activation, kernels on."""
   return (
     jnp.dtype(dtype) == jnp.float32
     and in_channels <= MAX_IN
-    and out_channels % 16 == 0
+    and (out_channels % 16 == 0 or any_width)
     and cpu_library.act_code(act) is not None
     and cpu_library.enabled()
   )
@@ -44,18 +48,47 @@ def _unfused(x, w, scale, shift, act):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def pointwise_affine_act(x, w, scale, shift, act):
-  """`act((x @ w) * scale + shift)` over x's last axis, f32, one pass."""
-  rows = int(np.prod(x.shape[:-1]))
+  """`act((x @ w) * scale + shift)` over x's last axis, f32, one pass.
+
+  Any output width: the kernel computes whole blocks of 16 channels, so
+  the weights' columns are zero-padded to a multiple of 16 and it leaves
+  the padding's lanes unstored (the class predict's 9 x 90 = 810)."""
+  rows, n = int(np.prod(x.shape[:-1])), w.shape[1]
+  pad = ((0, 0), (0, -n % 16))
   y = cpu_library.call(
     'EffdetPointwiseAffineAct',
-    jax.ShapeDtypeStruct((rows, w.shape[1]), jnp.float32),
+    jax.ShapeDtypeStruct((rows, n), jnp.float32),
     x.reshape(rows, x.shape[-1]),
-    w,
-    scale.astype(jnp.float32),
-    shift.astype(jnp.float32),
+    jnp.pad(w, pad),
+    jnp.pad(scale.astype(jnp.float32), pad[1]),
+    jnp.pad(shift.astype(jnp.float32), pad[1]),
     act=np.int64(cpu_library.act_code(act)),
   )
-  return y.reshape(*x.shape[:-1], w.shape[1])
+  return y.reshape(*x.shape[:-1], n)
+
+
+def im2col_affine_act(xp, w, scale, shift, act, window, out_size):
+  """`act(conv(xp, w) * scale + shift)` for a k x k conv over few channels
+  (the stem), from the padded input `xp` [B, H, W, C]: `window` = (kh, kw,
+  stride), `out_size` = (H', W'); `w` [kh*kw*C, N] tap-major,
+  channel-minor (`layers.conv_im2col`'s order). The patches are gathered
+  per group of output pixels in the kernel, never written out. No VJP of
+  its own: the caller's (`layers.conv_im2col`) is the jnp form's."""
+  kh, kw, stride = window
+  n = w.shape[1]
+  pad = ((0, 0), (0, -n % 16))
+  return cpu_library.call(
+    'EffdetIm2colAffineAct',
+    jax.ShapeDtypeStruct((xp.shape[0], *out_size, n), jnp.float32),
+    xp,
+    jnp.pad(w, pad),
+    jnp.pad(scale.astype(jnp.float32), pad[1]),
+    jnp.pad(shift.astype(jnp.float32), pad[1]),
+    act=np.int64(cpu_library.act_code(act)),
+    kh=np.int64(kh),
+    kw=np.int64(kw),
+    stride=np.int64(stride),
+  )
 
 
 def _fwd(x, w, scale, shift, act):

@@ -55,13 +55,28 @@ inline void StreamFence() {
 #endif
 }
 
+// The first `count` (< 16) lanes of v: an output narrower than the
+// weights' padded column blocks (the class predict's 810 channels).
+inline void StorePartial(float* p, V16 v, int64_t count) {
+#if defined(__AVX512F__)
+  __m512 m;
+  __builtin_memcpy(&m, &v, sizeof(m));
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), m);
+#else
+  __builtin_memcpy(p, &v, count * sizeof(float));
+#endif
+}
+
 // R rows: y = act(x @ w * scale + shift), or with Stats plain y = x @ w,
-// its per-channel sum and sum of squares added into s1, s2.
+// its per-channel sum and sum of squares added into s1, s2. w, scale and
+// shift are n wide (a multiple of 16); y's rows are ny <= n wide, the last
+// block's surplus lanes not stored (ny == n with Stats or Stream).
 template <int R, int A, bool Stream, bool Stats = false>
 inline void Group(const float* __restrict x, const float* __restrict w,
                   const float* __restrict scale,
                   const float* __restrict shift, float* __restrict y,
-                  int64_t k, int64_t n, float* __restrict s1 = nullptr,
+                  int64_t k, int64_t n, int64_t ny,
+                  float* __restrict s1 = nullptr,
                   float* __restrict s2 = nullptr) {
   for (int64_t nb = 0; nb < n; nb += 16) {
     V16 acc[R];
@@ -90,11 +105,13 @@ inline void Group(const float* __restrict x, const float* __restrict w,
       } else {
         out = effdet::Activate<A>(acc[r] * sc + sh);
       }
-      float* p = y + r * n + nb;
+      float* p = y + r * ny + nb;
       if constexpr (Stream) {
         StreamStore(p, out);
-      } else {
+      } else if (nb + 16 <= ny) {
         Store<V16>(p, out);
+      } else {
+        StorePartial(p, out, ny - nb);
       }
     }
     if constexpr (Stats) {
@@ -108,15 +125,15 @@ inline void Group(const float* __restrict x, const float* __restrict w,
 template <int A, bool Stream, bool Stats = false>
 void Rows(const float* x, const float* w, const float* scale,
           const float* shift, float* y, int64_t lo, int64_t hi, int64_t k,
-          int64_t n, float* s1 = nullptr, float* s2 = nullptr) {
+          int64_t n, int64_t ny, float* s1 = nullptr, float* s2 = nullptr) {
   int64_t r = lo;
   for (; r + kRows <= hi; r += kRows) {
-    Group<kRows, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * n, k,
-                                   n, s1, s2);
+    Group<kRows, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * ny, k,
+                                   n, ny, s1, s2);
   }
   for (; r < hi; ++r) {
-    Group<1, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * n, k, n,
-                               s1, s2);
+    Group<1, A, Stream, Stats>(x + r * k, w, scale, shift, y + r * ny, k, n,
+                               ny, s1, s2);
   }
 }
 
@@ -131,17 +148,22 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("pointwise: x [M, K], w [K, N]");
   }
   const int64_t m = xd[0], k = wd[0], n = wd[1];
+  // y [M, ny]: the weights' columns past ny are padding (ny > n - 16).
+  auto yd = y->dimensions();
+  const int64_t ny = yd.size() == 2 ? yd[1] : -1;
   if (n % 16 != 0 || k > kMaxIn || scale.element_count() != n ||
-      shift.element_count() != n) {
+      shift.element_count() != n || yd.size() != 2 || yd[0] != m ||
+      ny > n || ny <= n - 16) {
     return ffi::Error::InvalidArgument(
-        "pointwise: N a multiple of 16, K <= 64, one scale/shift per N");
+        "pointwise: N a multiple of 16, K <= 64, one scale/shift per N, "
+        "y [M, N'] with N - 16 < N' <= N");
   }
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   const float* sp = scale.typed_data();
   const float* hp = shift.typed_data();
   float* yp = y->typed_data();
-  const bool stream = m * n * 4 >= kStreamBytes &&
+  const bool stream = ny == n && m * n * 4 >= kStreamBytes &&
                       reinterpret_cast<uintptr_t>(yp) % 64 == 0;
   // Chunks of whole groups, a few per thread.
   const int64_t groups = (m + kRows - 1) / kRows;
@@ -152,11 +174,97 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const int64_t hi = std::min(
           effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
       if (stream) {
-        Rows<A, true>(xp, wp, sp, hp, yp, lo, hi, k, n);
+        Rows<A, true>(xp, wp, sp, hp, yp, lo, hi, k, n, ny);
         StreamFence();  // this thread's streamed stores, before the join
       } else {
-        Rows<A, false>(xp, wp, sp, hp, yp, lo, hi, k, n);
+        Rows<A, false>(xp, wp, sp, hp, yp, lo, hi, k, n, ny);
       }
+    });
+  };
+  return effdet::WithAct(act, run);
+}
+
+// A k x k conv over few channels (the stem: 3x3 / 2 over RGB) with its
+// inference BN + activation, from the padded image: each group of output
+// pixels gathers its patches ([R, kh*kw*C], tap-major, channel-minor: the
+// order of `layers.conv_im2col`) into a buffer in L1 and runs Group on it,
+// so the patch matrix (9x the image) is never written to memory.
+struct Window {
+  int64_t hp, wp, c;     // padded input [B, hp, wp, c]
+  int64_t ho, wo;        // output pixels per image
+  int64_t kh, kw, s;     // window and stride
+};
+
+inline void GatherPatches(const float* __restrict xp, const Window& g,
+                          int64_t row, int64_t rows, float* __restrict buf) {
+  const int64_t k = g.kh * g.kw * g.c, run = g.kw * g.c;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = row + r, b = p / (g.ho * g.wo), o = p % (g.ho * g.wo);
+    const int64_t oy = o / g.wo, ox = o % g.wo;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      // kw taps x c channels are contiguous in the row of the image.
+      const float* src = xp + ((b * g.hp + g.s * oy + i) * g.wp + g.s * ox) * g.c;
+      std::copy(src, src + run, buf + r * k + i * run);
+    }
+  }
+}
+
+ffi::Error Im2colAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w,
+                           ffi::Buffer<ffi::F32> scale,
+                           ffi::Buffer<ffi::F32> shift,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t act,
+                           int64_t kh, int64_t kw, int64_t stride) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 2 || yd.size() != 4 || kh < 1 ||
+      kw < 1 || stride < 1 || wd[0] != kh * kw * xd[3] || yd[0] != xd[0]) {
+    return ffi::Error::InvalidArgument(
+        "im2col: x [B, H, W, C], w [kh*kw*C, N], y [B, H', W', N']");
+  }
+  const Window g{xd[1], xd[2], xd[3], yd[1], yd[2], kh, kw, stride};
+  const int64_t m = yd[0] * g.ho * g.wo, k = wd[0], n = wd[1], ny = yd[3];
+  if (n % 16 != 0 || k > kMaxIn || scale.element_count() != n ||
+      shift.element_count() != n || ny > n || ny <= n - 16 ||
+      g.s * (g.ho - 1) + kh > g.hp || g.s * (g.wo - 1) + kw > g.wp) {
+    return ffi::Error::InvalidArgument(
+        "im2col: N a multiple of 16, kh*kw*C <= 64, one scale/shift per N, "
+        "N - 16 < N' <= N, windows inside x");
+  }
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  const float* sp = scale.typed_data();
+  const float* hp = shift.typed_data();
+  float* yp = y->typed_data();
+  const bool stream = ny == n && m * n * 4 >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(yp) % 64 == 0;
+  const int64_t groups = (m + kRows - 1) / kRows;
+  const int64_t chunks = effdet::LoopChunks(groups, pool);
+  auto run = [&]<int A>() {
+    effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+      const int64_t lo = effdet::ChunkStart(groups, chunks, chunk) * kRows;
+      const int64_t hi = std::min(
+          effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
+      alignas(64) float buf[kRows * kMaxIn];
+      int64_t r = lo;
+      for (; r + kRows <= hi; r += kRows) {
+        GatherPatches(xp, g, r, kRows, buf);
+        if (stream) {
+          Group<kRows, A, true>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+        } else {
+          Group<kRows, A, false>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+        }
+      }
+      for (; r < hi; ++r) {
+        GatherPatches(xp, g, r, 1, buf);
+        if (stream) {
+          Group<1, A, true>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+        } else {
+          Group<1, A, false>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+        }
+      }
+      if (stream) StreamFence();
     });
   };
   return effdet::WithAct(act, run);
@@ -212,10 +320,10 @@ void BnForwardImpl(ffi::ThreadPool& pool, const float* x, const float* w,
       const int64_t lo = gc.Row(g0), hi = gc.Row(std::min(g_hi, g0 + kFlushGroups));
       if (stream) {
         Rows<effdet::kNone, true, true>(x, w, nullptr, nullptr, y, lo, hi, k,
-                                        n, b1.data(), b2.data());
+                                        n, n, b1.data(), b2.data());
       } else {
         Rows<effdet::kNone, false, true>(x, w, nullptr, nullptr, y, lo, hi, k,
-                                         n, b1.data(), b2.data());
+                                         n, n, b1.data(), b2.data());
       }
       for (int64_t t = 0; t < n; ++t) {
         d1[t] += b1[t];
@@ -405,6 +513,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseAffineAct, PointwiseAffineAct,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetIm2colAffineAct, Im2colAffineAct,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // padded x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetPointwiseBnForward, PointwiseBnForward,
                               ffi::Ffi::Bind()

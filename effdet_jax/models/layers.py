@@ -175,10 +175,21 @@ def depthwise_conv(
   return _depthwise_shift(x, kernel[:, :, :, 0], stride)
 
 
+# The name scope of an epilogue's folded inference BN: `tools.flops` counts
+# it zero, as the official count does the fused BN op it stands for.
+BN_AFFINE_SCOPE = 'bn_affine'
+
+
 def _affine_act(y: Array, scale, shift, act, dtype) -> Array:
   """`act(y * scale + shift)` in f32, cast to `dtype`: the jnp form of an
-  inference BN + activation that a producer applies (the epilogues)."""
-  z = y.astype(jnp.float32) * scale + shift
+  inference BN + activation that a producer applies (the epilogues).
+  `scale` None: `act(y + shift)`, a bias add (counted as one)."""
+  z = y.astype(jnp.float32)
+  if scale is None:
+    z = z + shift
+  else:
+    with jax.named_scope(BN_AFFINE_SCOPE):
+      z = z * scale + shift
   return (z if act is None else act(z)).astype(dtype)
 
 
@@ -347,7 +358,8 @@ def pointwise_affine_act(
   impl: str = 'auto',
 ) -> Array:
   """`act(pointwise(x, kernel) * scale + shift)`: a 1x1 conv followed by an
-  inference-mode BN (per-channel affine) and its activation.
+  inference-mode BN (per-channel affine) and its activation; `scale` None:
+  a bias add (`shift`).
 
   One compiled pass on CPU for few input channels (the expand layers at
   high resolution, `native_pointwise`) where `impl` (the model's
@@ -357,10 +369,12 @@ def pointwise_affine_act(
   if (
     impl in ('auto', 'native')
     and native_pointwise.supports(
-      x.dtype, kernel.shape[0], kernel.shape[1], act
+      x.dtype, kernel.shape[0], kernel.shape[1], act, any_width=True
     )
     and jnp.dtype(kernel.dtype) == jnp.float32
   ):
+    if scale is None:
+      scale = jnp.ones(kernel.shape[1:], jnp.float32)
     return native_pointwise.pointwise_affine_act(x, kernel, scale, shift, act)
   return _affine_act(pointwise(x, kernel), scale, shift, act, x.dtype)
 
@@ -496,9 +510,15 @@ class SeparableConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array, bn: BatchNorm | None = None) -> Array:
+  def __call__(
+    self, x: Array, bn: BatchNorm | None = None, inference: bool = False
+  ) -> Array:
     """`bn`: returns `bn(separable_conv(x))`, the 1x1 product computed with
-    a training-mode BN where a kernel does both (`Conv(bn=)`)."""
+    a training-mode BN where a kernel does both (`Conv(bn=)`); with an
+    inference-mode BN, the bias, BN and activation applied as the product
+    is written (`pointwise_affine_act`). `inference` (no bn): the bias
+    added that way (its gradient is the jnp form's, slower, hence not in
+    training)."""
     k, cin = self.kernel_size, x.shape[-1]
     dw = self.param(
       'depthwise_kernel', self.depthwise_init, (k, k, cin, 1), jnp.float32
@@ -516,7 +536,16 @@ class SeparableConv(nn.Module):
     if bn is not None and _fuses_train_bn(x, pw, bn, self.impl):
       fused = _pointwise_train_bn(x, pw[0, 0], b)
       return bn(jnp.zeros((0, self.features), x.dtype), fused=fused)
-    x = pointwise(x, pw[0, 0].astype(self.dtype))
+    w = pw[0, 0].astype(self.dtype)
+    if bn is not None and bn.use_running_average:
+      # BN(x @ w + b) = (x @ w) * mul + (b * mul + shift).
+      mul, shift = bn(jnp.zeros((0, self.features), x.dtype), affine_only=True)
+      if b is not None:
+        shift = shift + b * mul
+      return pointwise_affine_act(x, w, mul, shift, bn.act, self.impl)
+    if inference and bn is None and b is not None:
+      return pointwise_affine_act(x, w, None, b, None, self.impl)
+    x = pointwise(x, w)
     if b is not None:
       x = x + b.astype(self.dtype)
     return x if bn is None else bn(x)
@@ -692,12 +721,55 @@ def conv_im2col(
   """
   kh, kw, cin, cout = kernel.shape
   xp, size = _pad_for_taps(x, kernel.shape, stride)
-  taps = [_tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)]
-  patches = jnp.concatenate(taps, axis=-1)
   w = kernel.reshape(kh * kw * cin, cout)
   if epilogue is not None:
-    return pointwise_affine_act(patches, w, *epilogue, impl)
-  return pointwise(patches, w)
+    scale, shift, act = epilogue
+    if (
+      impl in ('auto', 'native')
+      and native_pointwise.supports(x.dtype, kh * kw * cin, cout, act, True)
+      and jnp.dtype(w.dtype) == jnp.float32
+    ):
+      return _im2col_affine_act_native(
+        xp, w, scale, shift, act, (kh, kw, stride), size
+      )
+    return _im2col_affine_act(xp, w, scale, shift, act, (kh, kw, stride), size)
+  return pointwise(_patches(xp, kh, kw, stride, size), w)
+
+
+def _patches(xp, kh, kw, stride, size):
+  """[B, H', W', kh*kw*C]: the strided taps of the padded input,
+  tap-major, channel-minor."""
+  taps = [_tap(xp, i, j, size, stride) for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+def _im2col_affine_act(xp, w, scale, shift, act, window, size):
+  """The jnp form of `native_pointwise.im2col_affine_act`."""
+  kh, kw, stride = window
+  patches = _patches(xp, kh, kw, stride, size)
+  return _affine_act(pointwise(patches, w), scale, shift, act, xp.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _im2col_affine_act_native(xp, w, scale, shift, act, window, size):
+  """The stem's conv + inference BN + act in one kernel (no patch matrix);
+  its gradient is the jnp form's."""
+  return native_pointwise.im2col_affine_act(
+    xp, w, scale, shift, act, window, size
+  )
+
+
+def _im2col_native_fwd(xp, w, scale, shift, act, window, size):
+  out = _im2col_affine_act_native(xp, w, scale, shift, act, window, size)
+  return out, (xp, w, scale, shift)
+
+
+def _im2col_native_bwd(act, window, size, res, dy):
+  unfused = lambda *a: _im2col_affine_act(*a, act, window, size)  # noqa: E731
+  return jax.vjp(unfused, *res)[1](dy)
+
+
+_im2col_affine_act_native.defvjp(_im2col_native_fwd, _im2col_native_bwd)
 
 
 def conv(

@@ -10,9 +10,11 @@ Sigmoid, Relu/Relu6, Pad and resizes count zero.
 
 We walk the jaxpr of the inference forward pass (traced with abstract shapes,
 nothing is compiled) and apply the same rules per primitive; equations inside
-BatchNorm modules count zero (the official inference graph uses the fused BN
-op). `tf.nn.swish(x)` is `x * sigmoid(beta * x)`: two Mul ops, so a swish
-counts 2 per element where our `x * sigmoid(x)` has one multiply.
+BatchNorm modules, and an inference BN folded into the op before it (the
+epilogues' `layers.BN_AFFINE_SCOPE`), count zero (the official inference
+graph uses the fused BN op). `tf.nn.swish(x)` is `x * sigmoid(beta * x)`:
+two Mul ops, so a swish counts 2 per element where our `x * sigmoid(x)` has
+one multiply.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 
 from effdet_jax.kernels import cpu_library
+from effdet_jax.models import layers
 
 _ELEMENTWISE = {'add', 'sub', 'mul', 'div', 'add_any'}
 _FREE = {'max', 'min', 'logistic', 'rsqrt', 'exp', 'tanh', 'clamp'}
@@ -88,6 +91,8 @@ def count_flops(
   def _in_skipped_scope(stack: str) -> bool:
     if stack in skip:
       return True
+    if layers.BN_AFFINE_SCOPE in stack.split('/'):
+      return True  # an inference BN folded into its producer's epilogue
     name = stack.rpartition('/')[2]
     return any(stack.startswith(p) for p in by_name.get(name, ()))
 
