@@ -175,9 +175,12 @@ def test_focal_loss_matches_jnp(num_classes, anchors, gamma):
     loss = lambda x: cot * fn(x, ids, num_classes, 0.25, gamma)
     return jax.jit(jax.value_and_grad(loss))(x)
 
+  native_fn = lambda x, i, c, a, g: native_focal.focal_loss_sum(
+    x, i, 1.0, c, a, g
+  )
   with cpu_library.forced(True):
     assert native_focal.supports(jnp.float32)
-    native = run(native_focal.focal_loss_sum)
+    native = run(native_fn)
     dispatched = run(focal.focal_loss_sum)
   ref = run(focal.focal_loss_sum_jnp)
   for out in (native, dispatched):
@@ -185,10 +188,40 @@ def test_focal_loss_matches_jnp(num_classes, anchors, gamma):
     np.testing.assert_allclose(out[1], ref[1], rtol=2e-5, atol=1e-7)
 
 
+def test_focal_loss_scale_is_applied_in_the_kernel():
+  """`scale` (the loss normaliser's inverse) multiplies the sum and the
+  gradient written by the kernel, its own gradient is the unscaled sum; and
+  with the constant cotangent of a training loss the compiled gradient has
+  no multiply over the logits (XLA folds the cotangent away)."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 9 * 90)) * 3
+  ids = jax.random.randint(jax.random.key(1), (2, 4 * 4 * 9), -1, 90)
+  loss = lambda x, s, f: f(x, ids, 90, 0.25, 1.5, s)
+  with cpu_library.forced(True):
+    got = jax.jit(jax.value_and_grad(loss, (0, 1)), static_argnums=2)(
+      x, 0.125, focal.focal_loss_sum
+    )
+    text = (
+      jax.jit(jax.grad(lambda x: loss(x, 0.125, focal.focal_loss_sum)))
+      .lower(x)
+      .compile()
+      .as_text()
+    )
+  jnp_form = lambda x, i, c, a, g, s: (
+    s * focal.focal_loss_sum_jnp(x, i, c, a, g)
+  )
+  want = jax.value_and_grad(loss, (0, 1))(x, 0.125, jnp_form)
+  assert _rel(got[0], want[0]) < 1e-5
+  np.testing.assert_allclose(got[1][0], want[1][0], rtol=2e-5, atol=1e-8)
+  assert _rel(got[1][1], want[1][1]) < 1e-5
+  assert not any(
+    ' multiply(' in line and '[2,4,4,810]' in line for line in text.splitlines()
+  )
+
+
 def test_focal_loss_is_deterministic_and_propagates_nan():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 9 * 90)) * 3
   ids = jax.random.randint(jax.random.key(1), (4, 8 * 8 * 9), -1, 90)
-  f = jax.jit(lambda x: native_focal.focal_loss_sum(x, ids, 90, 0.25, 1.5))
+  f = jax.jit(lambda x: native_focal.focal_loss_sum(x, ids, 1.0, 90, 0.25, 1.5))
   assert np.asarray(f(x)).tobytes() == np.asarray(f(x)).tobytes()
   assert np.isnan(float(f(x.at[1, 2, 3, 4].set(jnp.nan))))
 
@@ -325,6 +358,32 @@ def test_im2col_affine_act_matches_conv(size, stride, cin, n):
   )
   for a, b in zip(g, g_want, strict=True):
     assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize('n', [810, 36, 64])
+def test_pointwise_bias_matches_jnp_with_gradients(n):
+  """The predict layers' 1x1 conv + bias (no BN): the bias added as the
+  kernel writes the product, in training too; gradients of x, the kernel
+  and the bias (pointwise's written-out VJP plus the bias's sum)."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 5, 64))
+  w = jax.random.normal(jax.random.key(1), (64, n)) * 0.2
+  b = jax.random.normal(jax.random.key(2), (n,))
+  cot = jax.random.normal(jax.random.key(3), (2, 6, 5, n))
+
+  def fused(x, w, b):
+    return layers.pointwise_affine_act(x, w, None, b, None)
+
+  def ref(x, w, b):
+    return jnp.einsum('...c,cd->...d', x, w, precision='highest') + b
+
+  with cpu_library.forced(True):
+    assert 'EffdetPointwiseAffineAct' in jax.jit(fused).lower(x, w, b).as_text()
+    got = jax.jit(fused)(x, w, b)
+    g = jax.grad(lambda *a: jnp.sum(fused(*a) * cot), (0, 1, 2))(x, w, b)
+  assert _rel(got, ref(x, w, b)) < 1e-5
+  g_want = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), (0, 1, 2))(x, w, b)
+  for a, b_ in zip(g, g_want, strict=True):
+    assert _rel(a, b_) < 1e-4
 
 
 def test_pointwise_affine_act_leaves_other_shapes_to_jnp():

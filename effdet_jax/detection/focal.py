@@ -54,23 +54,27 @@ def focal_loss_sum(
   num_classes: int,
   alpha: float,
   gamma: float,
+  scale: Array | float = 1.0,
 ) -> Array:
-  """Sum of the focal loss of one level.
+  """Sum of the focal loss of one level, times `scale`.
 
   Args:
     logits: `[B, H, W, A * num_classes]` class outputs of one level.
     cls_ids: `[B, H * W * A]` int class index (0-based) per anchor, or any
       value outside `[0, num_classes)` for background.
     num_classes, alpha, gamma: the loss constants.
+    scale: a float32 scalar (the loss normaliser's inverse): the CPU kernel
+      applies it as it writes the gradient, one pass over it fewer than
+      scaling the sum afterwards.
 
   Returns:
     A float32 scalar.
   """
   if native_focal.supports(logits.dtype):
     return native_focal.focal_loss_sum(
-      logits, cls_ids, num_classes, alpha, gamma
+      logits, cls_ids, scale, num_classes, alpha, gamma
     )
-  return focal_loss_sum_jnp(logits, cls_ids, num_classes, alpha, gamma)
+  return scale * focal_loss_sum_jnp(logits, cls_ids, num_classes, alpha, gamma)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))

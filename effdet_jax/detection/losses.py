@@ -121,7 +121,7 @@ def detection_loss(
   """
   normalizer = jnp.sum(targets.num_positives) + 1.0
   b = class_outputs[0].shape[0]
-  cls_sum, box_sum, start = 0.0, 0.0, 0
+  cls_loss, box_sum, start = 0.0, 0.0, 0
   # Per level: concatenating the levels costs a copy forward and backward.
   for cls_l, box_l in zip(class_outputs, box_outputs, strict=True):
     n = box_l.size // (4 * b)
@@ -129,17 +129,21 @@ def detection_loss(
     if label_smoothing:
       one_hot = jax.nn.one_hot(ids, num_classes, dtype=jnp.float32)
       logits = cls_l.astype(jnp.float32).reshape(b, n, num_classes)
-      cls_sum += jnp.sum(
-        focal_loss(logits, one_hot, alpha, gamma, label_smoothing)
+      cls_loss += (
+        jnp.sum(focal_loss(logits, one_hot, alpha, gamma, label_smoothing))
+        / normalizer
       )
     else:
-      cls_sum += focal.focal_loss_sum(cls_l, ids, num_classes, alpha, gamma)
+      # Normalised inside: the CPU kernel scales the gradient as it writes
+      # it, and the cotangent left (a constant in training) folds away.
+      cls_loss += focal.focal_loss_sum(
+        cls_l, ids, num_classes, alpha, gamma, scale=1.0 / normalizer
+      )
     box_t = targets.box_targets[:, start : start + n]
     err = box_l.astype(jnp.float32).reshape(b, n, 4) - box_t
     mask = (box_t != 0.0).astype(jnp.float32)
     box_sum += jnp.sum(huber(err, delta) * mask)
     start += n
-  cls_loss = cls_sum / normalizer
   box_loss = box_sum / (4.0 * normalizer)
   total = cls_loss + box_loss_weight * box_loss
   parts = {

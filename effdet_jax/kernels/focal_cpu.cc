@@ -8,7 +8,9 @@
 // one exp for the modulating factor (for gamma 1.5 and 2, the defaults of
 // the official configs, s * sqrt(s) and s * s instead: the kernel is bound
 // by its transcendentals); the gradient is written for the backward pass
-// to scale by the loss's cotangent.
+// to scale by the loss's cotangent. Both come out multiplied by a given
+// scale (the loss normaliser), so that in training the cotangent is the
+// constant 1 that XLA folds away, not a pass over the gradient per level.
 //
 // Per logit x with z = -x for the anchor's class, z = x otherwise:
 //   e = exp(-|z|), softplus(z) = max(z, 0) + log1p(e),
@@ -41,8 +43,10 @@ using effdet::Store;
 using effdet::V16;
 using effdet::V8;
 
+// alpha_t for positives and negatives, times the caller's scale (the loss
+// normaliser): the loss terms and the gradient come out scaled for free.
 struct Constants {
-  float alpha, gamma;
+  float alpha_pos, alpha_neg, gamma;
 };
 
 // How the modulating factor m = s^gamma is computed.
@@ -100,8 +104,8 @@ inline V Term(V x, M positive, const Constants& k, V* grad) {
     const V log_s = Select<V>(z < zero, z, zero) - l1p;
     m = Exp(k.gamma * log_s);
   }
-  const V alpha_t = Select<V>(positive, Splat<V>(k.alpha),
-                              Splat<V>(1.f - k.alpha));
+  const V alpha_t = Select<V>(positive, Splat<V>(k.alpha_pos),
+                              Splat<V>(k.alpha_neg));
   const V am = alpha_t * m;
   const V dz = am * (k.gamma * (1.f - s) * sp + s);
   *grad = Select<V>(positive, -dz, dz);
@@ -140,16 +144,19 @@ void Anchor(const float* x, int32_t id, int64_t c, const Constants& k,
 constexpr int64_t kFlushAnchors = 64;
 
 ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
-                     ffi::Buffer<ffi::S32> ids,
+                     ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> loss,
                      ffi::ResultBuffer<ffi::F32> grad, int64_t num_classes,
                      float alpha, float gamma) {
   const int64_t anchors = ids.element_count();
-  if (num_classes < 1 || anchors * num_classes != logits.element_count()) {
+  if (num_classes < 1 || anchors * num_classes != logits.element_count() ||
+      scale.element_count() != 1) {
     return ffi::Error::InvalidArgument(
-        "focal loss: logits must hold num_classes values per class id");
+        "focal loss: logits must hold num_classes values per class id, "
+        "one scale");
   }
-  const Constants k{alpha, gamma};
+  const float sc = *scale.typed_data();
+  const Constants k{alpha * sc, (1.f - alpha) * sc, gamma};
   const float* x = logits.typed_data();
   const int32_t* id = ids.typed_data();
   float* g = grad->typed_data();
@@ -188,6 +195,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetFocalLoss, FocalLoss,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // logits
                                   .Arg<ffi::Buffer<ffi::S32>>()  // class ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Ret<ffi::Buffer<ffi::F32>>()  // loss sum
                                   .Ret<ffi::Buffer<ffi::F32>>()  // gradient
                                   .Attr<int64_t>("num_classes")

@@ -25,7 +25,7 @@ def supports(dtype) -> bool:
   return jnp.dtype(dtype) == jnp.float32 and cpu_library.enabled()
 
 
-def _loss_and_grad(logits, cls_ids, num_classes, alpha, gamma):
+def _loss_and_grad(logits, cls_ids, scale, num_classes, alpha, gamma):
   return cpu_library.call(
     'EffdetFocalLoss',
     (
@@ -34,28 +34,41 @@ def _loss_and_grad(logits, cls_ids, num_classes, alpha, gamma):
     ),
     logits,
     cls_ids.astype(jnp.int32),
+    jnp.asarray(scale, jnp.float32).reshape(1),
     num_classes=np.int64(num_classes),
     alpha=np.float32(alpha),
     gamma=np.float32(gamma),
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def focal_loss_sum(logits, cls_ids, num_classes: int, alpha, gamma):
-  """`effdet_jax.detection.focal.focal_loss_sum`, f32 logits."""
-  return _loss_and_grad(logits, cls_ids, num_classes, alpha, gamma)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def focal_loss_sum(logits, cls_ids, scale, num_classes: int, alpha, gamma):
+  """`effdet_jax.detection.focal.focal_loss_sum`, f32 logits: the sum
+  times `scale`. The kernel writes the gradient already scaled, so where
+  the cotangent is a constant 1 (the training loss) XLA drops the
+  multiply that would be a pass over the logits' gradient."""
+  return _loss_and_grad(logits, cls_ids, scale, num_classes, alpha, gamma)[0]
 
 
-def _fwd(logits, cls_ids, num_classes, alpha, gamma):
-  loss, grad = _loss_and_grad(logits, cls_ids, num_classes, alpha, gamma)
-  return loss, (grad, cls_ids)
+def _fwd(logits, cls_ids, scale, num_classes, alpha, gamma):
+  loss, grad = _loss_and_grad(logits, cls_ids, scale, num_classes, alpha, gamma)
+  return loss, (grad, cls_ids, loss, scale)
 
 
 def _bwd(num_classes, alpha, gamma, res, g):
   del num_classes, alpha, gamma
-  grad, cls_ids = res
+  grad, cls_ids, loss, scale = res
+  scale = jnp.asarray(scale, jnp.float32)
+  # d(scale * sum)/d scale = the unscaled sum; zero scale, zero loss.
+  d_scale = g * jnp.where(
+    scale == 0, 0.0, loss / jnp.where(scale == 0, 1, scale)
+  )
   # Class ids are integers: their cotangent is float0.
-  return g * grad, np.zeros(cls_ids.shape, jax.dtypes.float0)
+  return (
+    g * grad,
+    np.zeros(cls_ids.shape, jax.dtypes.float0),
+    d_scale.astype(jnp.result_type(scale)),
+  )
 
 
 focal_loss_sum.defvjp(_fwd, _bwd)

@@ -65,9 +65,7 @@ class HeadNet(nn.Module):
         if i > 0 and self.survival_prob:
           rng = self.make_rng('dropout') if train else None
           x = layers.drop_connect(x, self.survival_prob, rng) + skip
-      outputs.append(
-        predict(x, inference=not train) if self.separable else predict(x)
-      )
+      outputs.append(predict(x))
     return outputs
 
   def _conv(self, features, name, bias_init=nn.initializers.zeros):

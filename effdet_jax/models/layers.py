@@ -373,10 +373,30 @@ def pointwise_affine_act(
     )
     and jnp.dtype(kernel.dtype) == jnp.float32
   ):
+    if scale is None and act is None:
+      return _pointwise_bias_native(x, kernel, shift)
     if scale is None:
       scale = jnp.ones(kernel.shape[1:], jnp.float32)
     return native_pointwise.pointwise_affine_act(x, kernel, scale, shift, act)
   return _affine_act(pointwise(x, kernel), scale, shift, act, x.dtype)
+
+
+@jax.custom_vjp
+def _pointwise_bias_native(x: Array, kernel: Array, bias: Array) -> Array:
+  """`pointwise(x, kernel) + bias` with the bias added as the kernel writes
+  the product (the class predict: a pass over `[B, H, W, 810]` fewer);
+  the gradient is `pointwise`'s written-out form plus the bias's sum."""
+  ones = jnp.ones(kernel.shape[1:], jnp.float32)
+  return native_pointwise.pointwise_affine_act(x, kernel, ones, bias, None)
+
+
+def _pointwise_bias_fwd(x, kernel, bias):
+  return _pointwise_bias_native(x, kernel, bias), (x, kernel)
+
+
+def _pointwise_bias_bwd(res, dy):
+  dx, dk = _pointwise_bwd(res, dy)
+  return dx, dk, jnp.sum(dy, axis=tuple(range(dy.ndim - 1)))
 
 
 @jax.custom_vjp
@@ -404,6 +424,7 @@ def _pointwise_bwd(res, dy):
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+_pointwise_bias_native.defvjp(_pointwise_bias_fwd, _pointwise_bias_bwd)
 
 
 # Below this many pixels per image the gated activation is small and one
@@ -510,15 +531,12 @@ class SeparableConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(
-    self, x: Array, bn: BatchNorm | None = None, inference: bool = False
-  ) -> Array:
+  def __call__(self, x: Array, bn: BatchNorm | None = None) -> Array:
     """`bn`: returns `bn(separable_conv(x))`, the 1x1 product computed with
     a training-mode BN where a kernel does both (`Conv(bn=)`); with an
     inference-mode BN, the bias, BN and activation applied as the product
-    is written (`pointwise_affine_act`). `inference` (no bn): the bias
-    added that way (its gradient is the jnp form's, slower, hence not in
-    training)."""
+    is written (`pointwise_affine_act`). Without a BN the bias is added
+    that way (the predict layers)."""
     k, cin = self.kernel_size, x.shape[-1]
     dw = self.param(
       'depthwise_kernel', self.depthwise_init, (k, k, cin, 1), jnp.float32
@@ -543,7 +561,7 @@ class SeparableConv(nn.Module):
       if b is not None:
         shift = shift + b * mul
       return pointwise_affine_act(x, w, mul, shift, bn.act, self.impl)
-    if inference and bn is None and b is not None:
+    if bn is None and b is not None:
       return pointwise_affine_act(x, w, None, b, None, self.impl)
     x = pointwise(x, w)
     if b is not None:
