@@ -67,6 +67,18 @@ inline void StorePartial(float* p, V16 v, int64_t count) {
 #endif
 }
 
+// One output vector at p, `left` = the row's lanes from p on.
+template <bool Stream>
+inline void StoreOut(float* p, V16 out, int64_t left) {
+  if constexpr (Stream) {
+    StreamStore(p, out);
+  } else if (left >= 16) {
+    Store<V16>(p, out);
+  } else {
+    StorePartial(p, out, left);
+  }
+}
+
 // R rows: y = act(x @ w * scale + shift), or with Stats plain y = x @ w,
 // its per-channel sum and sum of squares added into s1, s2. w, scale and
 // shift are n wide (a multiple of 16); y's rows are ny <= n wide, the last
@@ -105,14 +117,7 @@ inline void Group(const float* __restrict x, const float* __restrict w,
       } else {
         out = effdet::Activate<A>(acc[r] * sc + sh);
       }
-      float* p = y + r * ny + nb;
-      if constexpr (Stream) {
-        StreamStore(p, out);
-      } else if (nb + 16 <= ny) {
-        Store<V16>(p, out);
-      } else {
-        StorePartial(p, out, ny - nb);
-      }
+      StoreOut<Stream>(y + r * ny + nb, out, ny - nb);
     }
     if constexpr (Stats) {
       Store<V16>(s1 + nb, a1);
@@ -195,16 +200,68 @@ struct Window {
   int64_t kh, kw, s;     // window and stride
 };
 
+// R consecutive output pixels of one output row, straight from the padded
+// image: pixel r's patch row i is the `run` floats at src + i * img_row +
+// r * step. Group's arithmetic and stores, with no patch buffer.
+template <int R, int A, bool Stream>
+inline void WindowGroup(const float* __restrict src, int64_t step,
+                        int64_t img_row, int64_t kh, int64_t run,
+                        const float* __restrict w,
+                        const float* __restrict scale,
+                        const float* __restrict shift, float* __restrict y,
+                        int64_t n, int64_t ny) {
+  for (int64_t nb = 0; nb < n; nb += 16) {
+    V16 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = Splat<V16>(0.f);
+    for (int64_t i = 0; i < kh; ++i) {
+      const float* xi = src + i * img_row;
+      const float* wi = w + i * run * n + nb;
+      for (int64_t t = 0; t < run; ++t) {
+        const V16 wv = Load<V16>(wi + t * n);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] += xi[r * step + t] * wv;
+      }
+    }
+    const V16 sc = Load<V16>(scale + nb), sh = Load<V16>(shift + nb);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      StoreOut<Stream>(y + r * ny + nb, effdet::Activate<A>(acc[r] * sc + sh),
+                       ny - nb);
+    }
+  }
+}
+
+// n (<= 64) floats, in masked 16-lane vectors: the runs are short (9 for
+// the stem), where a memmove call per run cost more than the conv.
+inline void CopyShort(const float* __restrict src, float* __restrict dst,
+                      int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t t = 0; t < n; t += 16) {
+    const int64_t m = std::min<int64_t>(16, n - t);
+    const __mmask16 mask = static_cast<__mmask16>((1u << m) - 1);
+    _mm512_mask_storeu_ps(dst + t, mask, _mm512_maskz_loadu_ps(mask, src + t));
+  }
+#else
+  for (int64_t t = 0; t < n; ++t) dst[t] = src[t];
+#endif
+}
+
 inline void GatherPatches(const float* __restrict xp, const Window& g,
                           int64_t row, int64_t rows, float* __restrict buf) {
   const int64_t k = g.kh * g.kw * g.c, run = g.kw * g.c;
+  const int64_t per_image = g.ho * g.wo;
+  int64_t b = row / per_image, oy = row % per_image / g.wo,
+          ox = row % per_image % g.wo;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t p = row + r, b = p / (g.ho * g.wo), o = p % (g.ho * g.wo);
-    const int64_t oy = o / g.wo, ox = o % g.wo;
+    // kw taps x c channels are contiguous in a row of the image.
+    const float* src = xp + ((b * g.hp + g.s * oy) * g.wp + g.s * ox) * g.c;
     for (int64_t i = 0; i < g.kh; ++i) {
-      // kw taps x c channels are contiguous in the row of the image.
-      const float* src = xp + ((b * g.hp + g.s * oy + i) * g.wp + g.s * ox) * g.c;
-      std::copy(src, src + run, buf + r * k + i * run);
+      CopyShort(src + i * g.wp * g.c, buf + r * k + i * run, run);
+    }
+    if (++ox == g.wo) {
+      ox = 0;
+      if (++oy == g.ho) oy = 0, ++b;
     }
   }
 }
@@ -246,22 +303,37 @@ ffi::Error Im2colAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const int64_t lo = effdet::ChunkStart(groups, chunks, chunk) * kRows;
       const int64_t hi = std::min(
           effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
+      // Groups within one output row read the image directly; one that
+      // wraps to the next row (or image) and the tail rows gather their
+      // patches into `buf` first.
       alignas(64) float buf[kRows * kMaxIn];
+      const int64_t per_image = g.ho * g.wo, step = g.s * g.c;
+      const int64_t img_row = g.wp * g.c, run = g.kw * g.c;
+      auto rows_at = [&]<int R, bool S>(int64_t r) {
+        const int64_t b = r / per_image, o = r % per_image;
+        const int64_t oy = o / g.wo, ox = o % g.wo;
+        if (ox + R <= g.wo) {
+          const float* src = xp + ((b * g.hp + g.s * oy) * g.wp + g.s * ox) * g.c;
+          WindowGroup<R, A, S>(src, step, img_row, g.kh, run, wp, sp, hp,
+                               yp + r * ny, n, ny);
+        } else {
+          GatherPatches(xp, g, r, R, buf);
+          Group<R, A, S>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+        }
+      };
       int64_t r = lo;
       for (; r + kRows <= hi; r += kRows) {
-        GatherPatches(xp, g, r, kRows, buf);
         if (stream) {
-          Group<kRows, A, true>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+          rows_at.template operator()<kRows, true>(r);
         } else {
-          Group<kRows, A, false>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+          rows_at.template operator()<kRows, false>(r);
         }
       }
       for (; r < hi; ++r) {
-        GatherPatches(xp, g, r, 1, buf);
         if (stream) {
-          Group<1, A, true>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+          rows_at.template operator()<1, true>(r);
         } else {
-          Group<1, A, false>(buf, wp, sp, hp, yp + r * ny, k, n, ny);
+          rows_at.template operator()<1, false>(r);
         }
       }
       if (stream) StreamFence();
