@@ -46,6 +46,18 @@ def _unfused(x, w, scale, shift, act):
   return z if act is None else act(z)
 
 
+def _padded_epilogue(w, scale, shift):
+  """(w, scale, shift) with the output channels zero-padded to a multiple
+  of 16: the kernels compute whole 16-channel blocks and leave the
+  padding's lanes unstored."""
+  pad = -w.shape[1] % 16
+  return (
+    jnp.pad(w, ((0, 0), (0, pad))),
+    jnp.pad(scale.astype(jnp.float32), (0, pad)),
+    jnp.pad(shift.astype(jnp.float32), (0, pad)),
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def pointwise_affine_act(x, w, scale, shift, act):
   """`act((x @ w) * scale + shift)` over x's last axis, f32, one pass.
@@ -54,14 +66,11 @@ def pointwise_affine_act(x, w, scale, shift, act):
   the weights' columns are zero-padded to a multiple of 16 and it leaves
   the padding's lanes unstored (the class predict's 9 x 90 = 810)."""
   rows, n = int(np.prod(x.shape[:-1])), w.shape[1]
-  pad = ((0, 0), (0, -n % 16))
   y = cpu_library.call(
     'EffdetPointwiseAffineAct',
     jax.ShapeDtypeStruct((rows, n), jnp.float32),
     x.reshape(rows, x.shape[-1]),
-    jnp.pad(w, pad),
-    jnp.pad(scale.astype(jnp.float32), pad[1]),
-    jnp.pad(shift.astype(jnp.float32), pad[1]),
+    *_padded_epilogue(w, scale, shift),
     act=np.int64(cpu_library.act_code(act)),
   )
   return y.reshape(*x.shape[:-1], n)
@@ -75,15 +84,11 @@ def im2col_affine_act(xp, w, scale, shift, act, window, out_size):
   per group of output pixels in the kernel, never written out. No VJP of
   its own: the caller's (`layers.conv_im2col`) is the jnp form's."""
   kh, kw, stride = window
-  n = w.shape[1]
-  pad = ((0, 0), (0, -n % 16))
   return cpu_library.call(
     'EffdetIm2colAffineAct',
-    jax.ShapeDtypeStruct((xp.shape[0], *out_size, n), jnp.float32),
+    jax.ShapeDtypeStruct((xp.shape[0], *out_size, w.shape[1]), jnp.float32),
     xp,
-    jnp.pad(w, pad),
-    jnp.pad(scale.astype(jnp.float32), pad[1]),
-    jnp.pad(shift.astype(jnp.float32), pad[1]),
+    *_padded_epilogue(w, scale, shift),
     act=np.int64(cpu_library.act_code(act)),
     kh=np.int64(kh),
     kw=np.int64(kw),

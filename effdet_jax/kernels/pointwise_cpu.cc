@@ -142,6 +142,35 @@ void Rows(const float* x, const float* w, const float* scale,
   }
 }
 
+// The inference epilogue's operands: weights n wide (a multiple of 16),
+// one scale/shift per weight column, an output ny wide with n - 16 < ny <= n.
+bool EpilogueShapesOk(int64_t n, int64_t ny, ffi::Buffer<ffi::F32>& scale,
+                      ffi::Buffer<ffi::F32>& shift) {
+  return n % 16 == 0 && scale.element_count() == n &&
+         shift.element_count() == n && ny <= n && ny > n - 16;
+}
+
+// Streaming stores for a whole-block output over kStreamBytes, 64-aligned.
+bool UseStream(int64_t m, int64_t n, int64_t ny, const float* y) {
+  return ny == n && m * n * 4 >= kStreamBytes &&
+         reinterpret_cast<uintptr_t>(y) % 64 == 0;
+}
+
+// rows(lo, hi) over chunks of whole kRows groups of [0, m), a few per
+// thread; a chunk that streamed fences its stores before the join.
+template <typename F>
+void ForRowGroups(ffi::ThreadPool& pool, int64_t m, bool stream, F rows) {
+  const int64_t groups = (m + kRows - 1) / kRows;
+  const int64_t chunks = effdet::LoopChunks(groups, pool);
+  effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t lo = effdet::ChunkStart(groups, chunks, chunk) * kRows;
+    const int64_t hi =
+        std::min(effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
+    rows(lo, hi);
+    if (stream) StreamFence();
+  });
+}
+
 ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> w,
                               ffi::Buffer<ffi::F32> scale,
@@ -156,9 +185,8 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // y [M, ny]: the weights' columns past ny are padding (ny > n - 16).
   auto yd = y->dimensions();
   const int64_t ny = yd.size() == 2 ? yd[1] : -1;
-  if (n % 16 != 0 || k > kMaxIn || scale.element_count() != n ||
-      shift.element_count() != n || yd.size() != 2 || yd[0] != m ||
-      ny > n || ny <= n - 16) {
+  if (k > kMaxIn || yd.size() != 2 || yd[0] != m ||
+      !EpilogueShapesOk(n, ny, scale, shift)) {
     return ffi::Error::InvalidArgument(
         "pointwise: N a multiple of 16, K <= 64, one scale/shift per N, "
         "y [M, N'] with N - 16 < N' <= N");
@@ -168,19 +196,11 @@ ffi::Error PointwiseAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* sp = scale.typed_data();
   const float* hp = shift.typed_data();
   float* yp = y->typed_data();
-  const bool stream = ny == n && m * n * 4 >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(yp) % 64 == 0;
-  // Chunks of whole groups, a few per thread.
-  const int64_t groups = (m + kRows - 1) / kRows;
-  const int64_t chunks = effdet::LoopChunks(groups, pool);
+  const bool stream = UseStream(m, n, ny, yp);
   auto run = [&]<int A>() {
-    effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
-      const int64_t lo = effdet::ChunkStart(groups, chunks, chunk) * kRows;
-      const int64_t hi = std::min(
-          effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
+    ForRowGroups(pool, m, stream, [&](int64_t lo, int64_t hi) {
       if (stream) {
         Rows<A, true>(xp, wp, sp, hp, yp, lo, hi, k, n, ny);
-        StreamFence();  // this thread's streamed stores, before the join
       } else {
         Rows<A, false>(xp, wp, sp, hp, yp, lo, hi, k, n, ny);
       }
@@ -282,8 +302,7 @@ ffi::Error Im2colAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const Window g{xd[1], xd[2], xd[3], yd[1], yd[2], kh, kw, stride};
   const int64_t m = yd[0] * g.ho * g.wo, k = wd[0], n = wd[1], ny = yd[3];
-  if (n % 16 != 0 || k > kMaxIn || scale.element_count() != n ||
-      shift.element_count() != n || ny > n || ny <= n - 16 ||
+  if (k > kMaxIn || !EpilogueShapesOk(n, ny, scale, shift) ||
       g.s * (g.ho - 1) + kh > g.hp || g.s * (g.wo - 1) + kw > g.wp) {
     return ffi::Error::InvalidArgument(
         "im2col: N a multiple of 16, kh*kw*C <= 64, one scale/shift per N, "
@@ -294,15 +313,9 @@ ffi::Error Im2colAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* sp = scale.typed_data();
   const float* hp = shift.typed_data();
   float* yp = y->typed_data();
-  const bool stream = ny == n && m * n * 4 >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(yp) % 64 == 0;
-  const int64_t groups = (m + kRows - 1) / kRows;
-  const int64_t chunks = effdet::LoopChunks(groups, pool);
+  const bool stream = UseStream(m, n, ny, yp);
   auto run = [&]<int A>() {
-    effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
-      const int64_t lo = effdet::ChunkStart(groups, chunks, chunk) * kRows;
-      const int64_t hi = std::min(
-          effdet::ChunkStart(groups, chunks, chunk + 1) * kRows, m);
+    ForRowGroups(pool, m, stream, [&](int64_t lo, int64_t hi) {
       // Groups within one output row read the image directly; one that
       // wraps to the next row (or image) and the tail rows gather their
       // patches into `buf` first.
@@ -336,7 +349,6 @@ ffi::Error Im2colAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           rows_at.template operator()<1, false>(r);
         }
       }
-      if (stream) StreamFence();
     });
   };
   return effdet::WithAct(act, run);
