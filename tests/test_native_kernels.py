@@ -24,6 +24,7 @@ from effdet_jax.kernels import (
   native_batch_norm,
   native_focal,
   native_pointwise,
+  native_weight_grad,
 )
 from effdet_jax.models import batch_norm as bn_lib
 from effdet_jax.models import layers
@@ -358,6 +359,107 @@ def test_im2col_affine_act_matches_conv(size, stride, cin, n):
   )
   for a, b in zip(g, g_want, strict=True):
     assert _rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize(
+  'size,stride,cin,n',
+  [
+    ((512, 512), 2, 3, 32),  # the D0 stem at batch 2
+    ((9, 9), 2, 3, 32),  # odd: a padded row and column never read
+    ((7, 10), 1, 3, 20),  # stride 1, a partial vector of D
+    ((6, 5), 2, 7, 40),  # 63 patch channels (the limit), runs of 21
+  ],
+)
+def test_im2col_conv_train_matches_conv(size, stride, cin, n):
+  """The conv alone (the stem in training, its BN after it) from the
+  padded image, and its kernel gradient read from the image too (no patch
+  matrix either way), against XLA's convolution: value, both gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, cin)) + 0.5
+  k = jax.random.normal(jax.random.key(1), (3, 3, cin, n)) * 0.3
+
+  def ref(x, k):
+    return jax.lax.conv_general_dilated(
+      x,
+      k,
+      (stride, stride),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision='highest',
+    )
+
+  def fused(x, k):
+    return layers.conv_im2col(x, k, stride)
+
+  cot = jax.random.normal(jax.random.key(4), ref(x, k).shape)
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * cot), (0, 1))  # noqa: E731
+  with cpu_library.forced(True):
+    text = jax.jit(grad(fused)).lower(x, k).as_text()
+    assert 'EffdetIm2colWeightGrad' in text
+    text = jax.jit(fused).lower(x, k).as_text()
+    assert 'EffdetIm2colAffineAct' in text and 'concatenate' not in text
+    got = jax.jit(fused)(x, k)
+    g = jax.jit(grad(fused))(x, k)
+  assert _rel(got, ref(x, k)) < 1e-5
+  for a, b in zip(g, grad(ref)(x, k), strict=True):
+    assert _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize(
+  'b,m,p,q',
+  [
+    (8, 2000, 32, 16),  # block 0's projection (rows: blocks and a tail)
+    (2, 999, 144, 24),  # the vectors on x's side: 144 = 9 x 16 lanes
+    (1, 70, 27, 32),  # the stem's width: a tile of 24 and one of 3
+    (3, 33, 5, 7),  # partial vectors on both sides
+    (1, 5, 64, 300),  # fewer rows than a block; 300 = 18 x 16 + 12
+  ],
+)
+def test_weight_grad_matches_einsum(b, m, p, q):
+  """x^T dy per image with the sums in registers, against the einsum."""
+  x = jax.random.normal(jax.random.key(0), (b, m, p)) + 1.0
+  dy = jax.random.normal(jax.random.key(1), (b, m, q))
+  want = jnp.einsum('bnc,bnd->bcd', x, dy, precision='highest')
+  with cpu_library.forced(True):
+    got = jax.jit(native_weight_grad.weight_grad)(x, dy)
+  assert got.shape == (b, p, q)
+  assert _rel(got, want) < 2e-6
+
+
+def test_pointwise_gradients_take_the_weight_grad_kernel():
+  """Many rows into few channels (from MIN_ROWS per image) the kernel
+  gradients of `pointwise` and of the gated projection come from the
+  kernel; below that, XLA's dot. Same values either way."""
+  x = jax.random.normal(jax.random.key(0), (2, 128, 128, 32))
+  gate = jax.random.uniform(jax.random.key(1), (2, 32))
+  w = jax.random.normal(jax.random.key(2), (32, 16))
+  cot = jax.random.normal(jax.random.key(3), (2, 128, 128, 16))
+
+  def loss_plain(x, w):
+    return jnp.sum(layers.pointwise(x, w) * cot)
+
+  def loss_gated(x, gate, w):
+    return jnp.sum(layers.pointwise_gated(x, gate, w) * cot)
+
+  plain = jax.jit(jax.grad(loss_plain, (0, 1)))
+  gated = jax.jit(jax.grad(loss_gated, (0, 1, 2)))
+  out = {}
+  for on in (True, False):
+    with cpu_library.forced(on):
+      for name, fn, args in (
+        ('plain', plain, (x, w)),
+        ('gated', gated, (x, gate, w)),
+      ):
+        text = fn.lower(*args).as_text()
+        assert ('EffdetWeightGrad' in text) == on
+        out[on, name] = fn(*args)
+    with cpu_library.forced(on):
+      small = jax.jit(
+        jax.grad(lambda x, w: jnp.sum(layers.pointwise(x, w)), (0, 1))
+      ).lower(x[:, :8, :8], w)
+      assert 'EffdetWeightGrad' not in small.as_text()
+  for name in ('plain', 'gated'):
+    for a, b in zip(out[True, name], out[False, name], strict=True):
+      assert _rel(a, b) < 1e-5
 
 
 @pytest.mark.parametrize('n', [810, 36, 64])

@@ -39,6 +39,8 @@ TARGETS = (
   'EffdetIm2colAffineAct',
   'EffdetPointwiseBnForward',
   'EffdetPointwiseBnBackward',
+  'EffdetWeightGrad',
+  'EffdetIm2colWeightGrad',
 )
 
 
