@@ -1,4 +1,7 @@
-"""On-device target assignment vs effdet's AnchorLabeler, plus properties."""
+"""On-device target assignment vs effdet's AnchorLabeler, plus properties.
+
+Every test runs twice: with the jnp matcher and with the CPU kernel that
+computes its IoU maxima (`native_match`), where the kernels are built."""
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +13,18 @@ from torch_ref import import_effdet
 
 import effdet_jax
 from effdet_jax.detection import anchors, targets
+from effdet_jax.kernels import cpu_library, native_match
 
 SIZE = 256
 NUM_CLASSES = 20
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=['jnp', 'kernel'])
+def matcher(request):
+  if request.param and not cpu_library.load():
+    pytest.skip('CPU kernels not built here')
+  with cpu_library.forced(request.param):
+    yield request.param
 
 
 @pytest.fixture(scope='module')
@@ -169,3 +181,42 @@ def test_inverted_corners_are_normalised():
   np.testing.assert_allclose(
     np.asarray(t1.box_targets), np.asarray(t2.box_targets)
   )
+
+
+@pytest.mark.parametrize('matcher', [True], ids=['kernel'], indirect=True)
+@pytest.mark.parametrize('n_anchors', [12276, 5000, 7])
+def test_native_best_matches_equal_jnp(d0_anchors, matcher, n_anchors):
+  """The kernel's IoU maxima are the jnp loop's, bit for bit: values, the
+  first row per anchor and the first anchor per box (ties from duplicate
+  boxes and boxes equal to anchors), for all D0 anchors at 256 (three
+  blocks, a tail of 4), 5000 (a tail of 8) and 7 (no full vector), and batches with empty images and padding
+  between boxes."""
+  anchors_ = jnp.asarray(d0_anchors[:n_anchors])
+  rng = np.random.default_rng(1)
+  boxes, classes = _random_batch(rng, 8, 40)
+  boxes[0, 3] = boxes[0, 2]  # a duplicate: the first row wins
+  boxes[1, 0] = np.asarray(d0_anchors[n_anchors // 2])  # IoU exactly 1
+  classes[1, 0] = 1
+  classes[2, :] = -1  # an empty image
+  classes[3, 1] = -1  # padding between boxes
+  boxes = targets.normalize_corners(jnp.asarray(boxes))
+  area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+  valid = (jnp.asarray(classes) > 0) & (area > 0)
+  with cpu_library.forced(True):
+    assert native_match.supports(boxes.dtype)
+    got = jax.jit(targets._best_matches, static_argnums=3)(
+      anchors_, boxes, valid, 8
+    )
+  with cpu_library.forced(False):
+    want = jax.jit(targets._best_matches, static_argnums=3)(
+      anchors_, boxes, valid, 8
+    )
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  none = jnp.zeros_like(valid)
+  with cpu_library.forced(True):
+    got = targets._best_matches(anchors_, boxes, none, 8)
+  with cpu_library.forced(False):
+    want = targets._best_matches(anchors_, boxes, none, 8)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

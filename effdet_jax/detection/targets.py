@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from effdet_jax.detection import box_coder
+from effdet_jax.kernels import native_match
 
 Array = jax.Array
 
@@ -83,9 +84,11 @@ def _best_matches(
   """
   b, m, _ = boxes.shape
   n = anchors.shape[0]
-  pad = (-m) % chunk
   far = jnp.float32(-1e9)
   boxes = jnp.where(valid[..., None], boxes, far)
+  if native_match.supports(boxes.dtype):
+    return native_match.best_matches(anchors, boxes, valid)
+  pad = (-m) % chunk
   boxes = jnp.pad(boxes, ((0, 0), (0, pad), (0, 0)), constant_values=far)
   area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
   area_a = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])

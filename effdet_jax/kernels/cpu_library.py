@@ -41,6 +41,7 @@ TARGETS = (
   'EffdetPointwiseBnBackward',
   'EffdetWeightGrad',
   'EffdetIm2colWeightGrad',
+  'EffdetBestMatches',
 )
 
 
