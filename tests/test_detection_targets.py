@@ -189,8 +189,8 @@ def test_native_best_matches_equal_jnp(d0_anchors, matcher, n_anchors):
   """The kernel's IoU maxima are the jnp loop's, bit for bit: values, the
   first row per anchor and the first anchor per box (ties from duplicate
   boxes and boxes equal to anchors), for all D0 anchors at 256 (three
-  blocks, a tail of 4), 5000 (a tail of 8) and 7 (no full vector), and batches with empty images and padding
-  between boxes."""
+  blocks, a tail of 4), 5000 (a tail of 8) and 7 (no full vector), and
+  batches with empty images and padding between boxes."""
   anchors_ = jnp.asarray(d0_anchors[:n_anchors])
   rng = np.random.default_rng(1)
   boxes, classes = _random_batch(rng, 8, 40)

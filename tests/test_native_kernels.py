@@ -122,6 +122,51 @@ def test_batch_norm_act_matches_jnp(act, shape):
     assert _rel(a, b) < 2e-5
 
 
+@pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu])
+@pytest.mark.parametrize(
+  'shape',
+  [
+    (2, 6, 5, 40),  # a 16-block, an 8-block and a tail of channels
+    (3, 4, 4, 19),
+    (8, 64, 64, 24),  # 4096 pixels per image: several chunks each
+  ],
+)
+def test_batch_norm_pooled_matches_jnp(act, shape):
+  """BN + act with squeeze-excitation's squeeze (the output's mean per
+  image) summed in the kernel, and its gradient added to dy inside the
+  backward, against BN then `jnp.mean`: values, statistics, the pooled
+  mean, and the gradients through both outputs."""
+  x = jax.random.normal(jax.random.key(0), shape) * 2 + 0.5
+  c = shape[-1]
+  scale = jax.random.normal(jax.random.key(1), (c,))
+  bias = jax.random.normal(jax.random.key(2), (c,))
+  cot = jax.random.normal(jax.random.key(3), shape)
+  cot_pool = jax.random.normal(jax.random.key(4), (shape[0], c)) * 50
+
+  def unfused(x, scale, bias):
+    y, mean, var = bn_lib.normalize_act_train(x, scale, bias, 1e-3, act)
+    return y, mean, var, bn_lib._pool(y)
+
+  def fused(x, scale, bias):
+    return bn_lib.normalize_act_train_pooled(x, scale, bias, 1e-3, act)
+
+  def run(fn):
+    def loss(*a):
+      y, _, _, pool = fn(*a)
+      return jnp.sum(y * cot) + jnp.sum(pool * cot_pool), fn(*a)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+  with cpu_library.forced(True):
+    got = run(fused)(x, scale, bias)
+    text = jax.jit(fused).lower(x, scale, bias).as_text()
+    assert 'EffdetBatchNormForwardPooled' in text
+  with cpu_library.forced(False):
+    want = run(unfused)(x, scale, bias)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert _rel(a, b) < 2e-5
+
+
 def test_batch_norm_statistics_keep_precision_with_a_large_mean():
   # E[x^2] - E[x]^2 in f32 over many pixels loses the variance when the
   # mean is large; the kernel sums in double.

@@ -131,21 +131,29 @@ struct BnGrad {
 
 // The backward's reductions over (x, dy): d(bias) = sum(dz), d(scale) =
 // sum(dz * xhat), and the constants of dx.
+//
+// `add` (optional, [images][c]): a per-image, per-channel term added to dy
+// (the gradient of a spatial mean of BN's output: squeeze-excitation's),
+// `rows_per_image` rows per image.
 template <int A>
 BnGrad BackwardSums(ffi::ThreadPool& pool, const float* x, const float* dy,
                     const float* scale, const float* bias, const float* mean,
                     const float* rstd, int64_t rows, int64_t c, float* dscale,
-                    float* dbias) {
+                    float* dbias, const float* add = nullptr,
+                    int64_t rows_per_image = 1) {
   std::vector<double> s1, s2;
   Sums(pool, rows, c,
        [&](int64_t r, float* b1, float* b2) {
          const float* xr = x + r * c;
          const float* gr = dy + r * c;
+         const float* ar = add ? add + r / rows_per_image * c : nullptr;
          ForChannels(c, [&]<typename V>(int64_t cb) {
            const V xhat =
                (Load<V>(xr + cb) - Load<V>(mean + cb)) * Load<V>(rstd + cb);
            const V z = xhat * Load<V>(scale + cb) + Load<V>(bias + cb);
-           const V dz = ActGrad<A>(z, Load<V>(gr + cb));
+           V g = Load<V>(gr + cb);
+           if (ar) g += Load<V>(ar + cb);
+           const V dz = ActGrad<A>(z, g);
            Store<V>(b1 + cb, Load<V>(b1 + cb) + dz);
            Store<V>(b2 + cb, Load<V>(b2 + cb) + dz * xhat);
          });
@@ -184,15 +192,6 @@ struct BnGradConsts {
     return k * (dz - gb - xhat * gs);
   }
 };
-
-// BN's input gradient for one vector of channels at cb.
-template <int A, typename V>
-inline V InputGrad(const float* xr, const float* gr, const float* scale,
-                   const float* bias, const float* mean, const float* rstd,
-                   const BnGrad& g, int64_t cb) {
-  const BnGradConsts<V> c(scale, bias, mean, rstd, g, cb);
-  return c.template operator()<A>(Load<V>(xr + cb), Load<V>(gr + cb));
-}
 
 }  // namespace effdet
 

@@ -34,6 +34,8 @@ TARGETS = (
   'EffdetDepthwiseForwardAffineAct',
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
+  'EffdetBatchNormForwardPooled',
+  'EffdetBatchNormBackwardPooled',
   'EffdetFocalLoss',
   'EffdetPointwiseAffineAct',
   'EffdetIm2colAffineAct',

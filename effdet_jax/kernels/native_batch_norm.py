@@ -61,3 +61,37 @@ def backward(x, dy, scale, bias, mean, rstd, act):
     rstd,
     act=np.int64(act_code(act)),
   )
+
+
+def forward_pooled(x, scale, bias, epsilon: float, act):
+  """`forward`'s (y, mean, var) and y's mean over each image's pixels
+  [B, C] (squeeze-excitation's input), summed as y is written."""
+  b, c = x.shape[0], x.shape[-1]
+  return cpu_library.call(
+    'EffdetBatchNormForwardPooled',
+    (_f32(x.shape), _f32((c,)), _f32((c,)), _f32((b, c))),
+    x,
+    scale,
+    bias,
+    epsilon=np.float32(epsilon),
+    act=np.int64(act_code(act)),
+  )
+
+
+def backward_pooled(x, dy, dpooled, scale, bias, mean, rstd, act):
+  """`backward` given also the cotangent of `forward_pooled`'s pooled
+  mean: its share of each pixel is added to dy inside the kernel."""
+  pixels = x.size // (x.shape[0] * x.shape[-1])
+  c = x.shape[-1]
+  return cpu_library.call(
+    'EffdetBatchNormBackwardPooled',
+    (_f32(x.shape), _f32((c,)), _f32((c,))),
+    x,
+    dy,
+    dpooled.astype(jnp.float32) / pixels,
+    scale,
+    bias,
+    mean,
+    rstd,
+    act=np.int64(act_code(act)),
+  )

@@ -96,6 +96,47 @@ def _bwd(epsilon, act, res, cotangents):
 normalize_act_train.defvjp(_fwd, _bwd)
 
 
+def _pool(y: Array) -> Array:
+  """Mean over each image's pixels, f32: [B, ..., C] -> [B, C]."""
+  return jnp.mean(y.astype(jnp.float32), axis=tuple(range(1, y.ndim - 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize_act_train_pooled(
+  x: Array, scale: Array, bias: Array, epsilon: float, act: Activation
+) -> tuple[Array, Array, Array, Array]:
+  """`normalize_act_train`'s (y, batch mean, batch var) and `y`'s mean
+  over each image's pixels `[B, C]` (squeeze-excitation's squeeze).
+
+  Only with the CPU kernels (`native_batch_norm.supports`): the kernel
+  sums the pooled mean as it writes y, and its backward adds the pooled
+  mean's gradient to dy as it reads it, where XLA read y once more for
+  the mean and wrote the sum of the two gradients (D0 b8: ~35 ms of the
+  train step). Elsewhere `BatchNorm` pools y in jnp.
+  """
+  return _pooled_fwd(x, scale, bias, epsilon, act)[0]
+
+
+def _pooled_fwd(x, scale, bias, epsilon, act):
+  y, mean, var, pooled = native_batch_norm.forward_pooled(
+    x, scale, bias, epsilon, act
+  )
+  rstd = lax.rsqrt(var + epsilon)
+  return (y, mean, var, pooled), (x, mean, rstd, scale, bias)
+
+
+def _pooled_bwd(epsilon, act, res, cotangents):
+  del epsilon
+  x, mean, rstd, scale, bias = res
+  dy, _, _, dpooled = cotangents
+  return native_batch_norm.backward_pooled(
+    x, dy, dpooled, scale, bias, mean, rstd, act
+  )
+
+
+normalize_act_train_pooled.defvjp(_pooled_fwd, _pooled_bwd)
+
+
 class BatchNorm(nn.Module):
   """Keras-equivalent BatchNorm (f32 parameters and statistics) + act.
 
@@ -119,7 +160,8 @@ class BatchNorm(nn.Module):
     x: Array,
     affine_only: bool = False,
     fused: Callable[..., tuple[Array, Array, Array]] | None = None,
-  ) -> Array:
+    pooled: bool = False,
+  ) -> Array | tuple[Array, Array]:
     """act(BN(x)); with `affine_only` (inference mode), instead the
     per-channel (multiplier, shift) that BN(x) = x * multiplier + shift,
     for a producer that applies them itself.
@@ -128,6 +170,10 @@ class BatchNorm(nn.Module):
     (act(BN(input)), batch mean, batch variance) for an input its producer
     computes itself (`layers.Conv(..., bn=)`); `x` gives only the feature
     count then.
+
+    `pooled`: returns (y, y's f32 mean over each image's pixels `[B, C]`),
+    squeeze-excitation's squeeze; in training with the CPU kernels it is
+    summed as y is written (`normalize_act_train_pooled`).
     """
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
@@ -147,13 +193,23 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
       z = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
-      return _apply(self.act, z).astype(self.dtype)
+      y = _apply(self.act, z).astype(self.dtype)
+      return (y, _pool(y)) if pooled else y
+    pool = None
     if fused is not None:
       y, mean, var = fused(scale, bias, self.epsilon, self.act)
+    elif (
+      pooled and x.ndim >= 3 and native_batch_norm.supports(x.dtype, self.act)
+    ):
+      y, mean, var, pool = normalize_act_train_pooled(
+        x, scale, bias, self.epsilon, self.act
+      )
     else:
       y, mean, var = normalize_act_train(x, scale, bias, self.epsilon, self.act)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
       ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
-    return y
+    if not pooled:
+      return y
+    return y, (_pool(y) if pool is None else pool)

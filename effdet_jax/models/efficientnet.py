@@ -200,14 +200,19 @@ class MBConvBlock(nn.Module):
       name='depthwise_conv2d',
     )
     bn_dw = bn(self.act)
-    if train:
+    has_se = a.se_ratio is not None and 0 < a.se_ratio <= 1
+    squeezed = None
+    if train and has_se:
+      # SE's squeeze summed as BN writes its output (`BatchNorm(pooled=)`).
+      x, squeezed = bn_dw(depthwise(x), pooled=True)
+    elif train:
       x = bn_dw(depthwise(x))
     else:
       # Inference BN is per-channel affine: the depthwise layer applies it
       # (and the activation) as it writes its output.
       x = depthwise(x, epilogue=(*bn_dw(x, affine_only=True), self.act))
     gate = None
-    if a.se_ratio is not None and 0 < a.se_ratio <= 1:
+    if has_se:
       # The gate goes into the projection's kernel (`layers.pointwise_gated`).
       gate = SqueezeExcite(
         max(1, int(a.input_filters * a.se_ratio)),
@@ -215,7 +220,7 @@ class MBConvBlock(nn.Module):
         self.dtype,
         output='gate',
         name='se',
-      )(x)
+      )(x, squeezed)
     x = conv(a.output_filters, next(conv_names))(x, gate)
     x = bn()(x)
     if a.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
@@ -242,9 +247,14 @@ class SqueezeExcite(nn.Module):
   output: str = 'gated'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, squeezed: Array | None = None) -> Array:
+    """`squeezed`: x's mean over H, W `[B, C]` (f32) if the caller has it
+    (`BatchNorm(pooled=)`), else taken here."""
     # The squeeze is a mean over many pixels: take it in f32.
-    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    if squeezed is None:
+      s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    else:
+      s = squeezed[:, None, None, :]
     mk = lambda f, name: layers.conv(
       f,
       1,
