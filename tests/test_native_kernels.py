@@ -264,6 +264,24 @@ def test_focal_loss_scale_is_applied_in_the_kernel():
   )
 
 
+def test_focal_loss_flat_streaming_path_matches_jnp():
+  """A level over 32 MiB (the kernel's non-temporal gradient stores) with
+  anchors split across vectors and chunks: equal to the jnp form."""
+  x = jax.random.normal(jax.random.key(0), (2, 24, 24, 9 * 1000)) * 4
+  ids = jax.random.randint(jax.random.key(1), (2, 24 * 24 * 9), -2, 1000)
+  assert x.size * 4 >= 32 << 20
+  loss = lambda x, fn: fn(x, ids, 1000, 0.25, 1.5)
+  with cpu_library.forced(True):
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
+      x, focal.focal_loss_sum
+    )
+  want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
+    x, focal.focal_loss_sum_jnp
+  )
+  assert _rel(got[0], want[0]) < 1e-5
+  np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-7)
+
+
 def test_focal_loss_is_deterministic_and_propagates_nan():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 9 * 90)) * 3
   ids = jax.random.randint(jax.random.key(1), (4, 8 * 8 * 9), -1, 90)

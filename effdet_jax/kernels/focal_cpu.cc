@@ -143,6 +143,87 @@ void Anchor(const float* x, int32_t id, int64_t c, const Constants& k,
 // Anchors between flushes of the float accumulator into the double sum.
 constexpr int64_t kFlushAnchors = 64;
 
+// Vectors between flushes on the flat path (about as many terms per lane).
+constexpr int64_t kFlushVectors = 4096;
+
+// Gradients larger than this are written with non-temporal stores: the
+// class predict's backward reads them back from memory anyway, and a plain
+// store first reads each line it writes.
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
+
+// The first n lanes from p (n <= 16), zeros past them.
+inline V16 LoadFirst(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  const __m512 m =
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  V16 v;
+  __builtin_memcpy(&v, &m, sizeof(v));
+  return v;
+#else
+  V16 v = Splat<V16>(0.f);
+  __builtin_memcpy(&v, p, n * sizeof(float));
+  return v;
+#endif
+}
+
+inline void StoreFirst(float* p, V16 v, int64_t n, bool stream) {
+#if defined(__AVX512F__)
+  __m512 m;
+  __builtin_memcpy(&m, &v, sizeof(m));
+  if (n == 16 && stream) {
+    _mm512_stream_ps(p, m);
+  } else {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), m);
+  }
+#else
+  __builtin_memcpy(p, &v, n * sizeof(float));
+#endif
+}
+
+// Anchors [a_lo, a_hi) as one flat run of their logits, in 16-lane vectors
+// aligned to the buffer (a vector may hold the end of one anchor and the
+// start of the next: num_classes >= 16, so never more than two). Every
+// vector is whole but the run's first and last: no 8-wide tail per anchor
+// (810 = 50 x 16 + 10), and aligned gradient stores that can stream.
+template <Power P>
+double FlatRun(const float* x, const int32_t* id, int64_t c, int64_t a_lo,
+               int64_t a_hi, const Constants& k, float* g, bool stream) {
+  const I16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const int64_t hi = a_hi * c;
+  int64_t a = a_lo;              // the anchor of the vector's first lane
+  int64_t next = (a_lo + 1) * c; // the first logit of anchor a + 1
+  double sum = 0.0;
+  V16 acc = Splat<V16>(0.f);
+  int64_t pending = 0;
+  for (int64_t i = a_lo * c; i < hi;) {
+    const int64_t end = std::min(hi, (i / 16 + 1) * 16);
+    const int64_t n = end - i;
+    // The positive lanes: anchor a's class and, past `next`, anchor a+1's
+    // (a negative id, background or ignored, matches no lane).
+    const int64_t pa = id[a] >= 0 ? a * c + id[a] - i : -1;
+    const int64_t pb =
+        end > next && id[a + 1] >= 0 ? next + id[a + 1] - i : -1;
+    const auto positive = (iota == static_cast<int32_t>(pa < 16 ? pa : -1)) |
+                          (iota == static_cast<int32_t>(pb < 16 ? pb : -1));
+    V16 grad;
+    const V16 term = Term<P, V16>(LoadFirst(x + i, n), positive, k, &grad);
+    acc += n == 16 ? term : (iota < static_cast<int32_t>(n) ? term
+                                                            : Splat<V16>(0.f));
+    StoreFirst(g + i, grad, n, stream);
+    if (end >= next) {
+      ++a;
+      next += c;
+    }
+    i = end;
+    if (++pending == kFlushVectors || i == hi) {
+      for (int l = 0; l < 16; ++l) sum += acc[l];
+      acc = Splat<V16>(0.f);
+      pending = 0;
+    }
+  }
+  return sum;
+}
+
 ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                      ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> scale,
                      ffi::ResultBuffer<ffi::F32> loss,
@@ -163,15 +244,29 @@ ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   const int64_t chunks =
       std::max<int64_t>(std::min(anchors, effdet::kReduceChunks), 1);
   std::vector<double> partial(chunks, 0.0);
+  const bool flat = num_classes >= 16;
+  const bool stream = anchors * num_classes * 4 >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(g) % 64 == 0;
   auto anchor = k.gamma == 1.5f ? Anchor<Power::kOneAndAHalf>
                 : k.gamma == 2.f ? Anchor<Power::kTwo>
                                  : Anchor<Power::kGeneral>;
+  auto run = k.gamma == 1.5f ? FlatRun<Power::kOneAndAHalf>
+             : k.gamma == 2.f ? FlatRun<Power::kTwo>
+                              : FlatRun<Power::kGeneral>;
   effdet::ParallelFor(pool, chunks, [&](int64_t chunk) {
+    const int64_t lo = effdet::ChunkStart(anchors, chunks, chunk);
     const int64_t hi = effdet::ChunkStart(anchors, chunks, chunk + 1);
+    if (flat) {
+      partial[chunk] = run(x, id, num_classes, lo, hi, k, g, stream);
+#if defined(__AVX512F__)
+      if (stream) _mm_sfence();
+#endif
+      return;
+    }
     double sum = 0.0;
     V16 acc = Splat<V16>(0.f);
     int64_t pending = 0;
-    for (int64_t a = effdet::ChunkStart(anchors, chunks, chunk); a < hi; ++a) {
+    for (int64_t a = lo; a < hi; ++a) {
       anchor(x + a * num_classes, id[a], num_classes, k, g + a * num_classes,
              &acc);
       if (++pending == kFlushAnchors || a + 1 == hi) {
