@@ -23,6 +23,7 @@ from effdet_jax.kernels import (
   cpu_library,
   native_batch_norm,
   native_focal,
+  native_fusion,
   native_pointwise,
   native_weight_grad,
 )
@@ -748,3 +749,103 @@ def test_depthwise_kernel_claims_only_the_strides_it_runs():
   with cpu_library.forced(True):
     got = layers.depthwise_conv(x, w, 3)
   assert _rel(got, layers.depthwise_conv(x, w, 3, 'lax')) < 1e-5
+
+
+def _fusion_jnp(xs, weights, act):
+  """bifpn.FNode's fast-attention fusion + act, in jnp (the reference)."""
+  r = [jax.nn.relu(w) for w in weights]
+  total = r[0]
+  for w in r[1:]:
+    total = total + w
+  total = total + native_fusion.EPSILON
+  out = xs[0] * r[0] / total
+  for x, w in zip(xs[1:], r[1:], strict=True):
+    out = out + x * w / total
+  return out if act is None else act(out)
+
+
+@pytest.mark.parametrize('n,channels', [(2, 64), (3, 24), (3, 7)])
+@pytest.mark.parametrize('per_channel', [False, True])
+@pytest.mark.parametrize('act', [layers.swish, jax.nn.relu, None])
+def test_fast_fusion_act_matches_jnp(n, channels, per_channel, act):
+  """Value and gradients (inputs and weights) against the jnp form; one
+  weight negative (relu'd to 0, no gradient), channel counts with 8-wide
+  and scalar tails, rows that split unevenly over the kernel's chunks."""
+  keys = jax.random.split(jax.random.key(0), n + 2)
+  xs = tuple(jax.random.normal(k, (3, 7, 5, channels)) * 2 for k in keys[:n])
+  shape = (n, channels) if per_channel else (n,)
+  weights = jax.random.uniform(keys[n], shape, minval=-0.5, maxval=2.0)
+  weights = weights.at[0].set(-0.3)
+  cot = jax.random.normal(keys[n + 1], xs[0].shape)
+
+  def loss(fn, xs, weights):
+    return jnp.sum(fn(xs, weights, act) * cot)
+
+  with cpu_library.forced(True):
+    assert native_fusion.supports(jnp.float32, n, act)
+    got = jax.jit(jax.value_and_grad(loss, (1, 2)), static_argnums=0)(
+      native_fusion.fast_fusion_act, xs, weights
+    )
+  # The reference in float64: the weights' gradient is a small difference
+  # of large sums when one weight carries the node.
+  with jax.enable_x64(True):
+    f64 = lambda a: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), a)
+    want = jax.value_and_grad(loss, (1, 2))(_fusion_jnp, f64(xs), f64(weights))
+    cot = f64(cot)
+    want_out = _fusion_jnp(f64(xs), f64(weights), act)
+  with cpu_library.forced(True):
+    out = native_fusion.fast_fusion_act(xs, weights, act)
+  np.testing.assert_allclose(out, want_out, rtol=1e-6, atol=1e-6)
+  for g, w in zip(got[1][0], want[1][0], strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-4, atol=5e-6)
+  assert np.all(np.asarray(got[1][1][0]) == 0)
+
+
+@pytest.mark.parametrize('method', ['fastattn', 'channel_fastattn'])
+def test_bifpn_node_takes_the_fusion_kernel_in_training(method, monkeypatch):
+  """An FNode in training runs `native_fusion` (the custom call is in the
+  compiled step) and equals the jnp form, loss and all gradients."""
+  from effdet_jax.models import bifpn
+
+  node = bifpn.FNode(
+    level=3,
+    input_ids=(0, 1),
+    node_id=0,
+    num_filters=16,
+    weight_method=method,
+    act=layers.swish,
+  )
+  keys = jax.random.split(jax.random.key(0), 3)
+  feats = [
+    jax.random.normal(keys[0], (2, 8, 8, 16)),
+    jax.random.normal(keys[1], (2, 4, 4, 16)),
+  ]
+  cot = jax.random.normal(keys[2], (2, 8, 8, 16))
+  variables = node.init(jax.random.key(1), feats, (8, 8), False)
+
+  def loss(params, feats):
+    out, _ = node.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      feats,
+      (8, 8),
+      True,
+      mutable=['batch_stats'],
+    )
+    return jnp.sum(out * cot)
+
+  step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+  with cpu_library.forced(True):
+    text = step.lower(variables['params'], feats).compile().as_text()
+    got = step(variables['params'], feats)
+    monkeypatch.setattr(native_fusion, 'supports', lambda *a: False)
+    jax.clear_caches()
+    want = step(variables['params'], feats)
+    plain = step.lower(variables['params'], feats).compile().as_text()
+  assert 'EffdetFusionActBackward' in text
+  assert 'EffdetFusionAct' not in plain
+  assert _rel(got[0], want[0]) < 1e-5
+  for g, w in zip(
+    jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True
+  ):
+    np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5)

@@ -44,6 +44,8 @@ TARGETS = (
   'EffdetWeightGrad',
   'EffdetIm2colWeightGrad',
   'EffdetBestMatches',
+  'EffdetFusionAct',
+  'EffdetFusionActBackward',
 )
 
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effdet_jax.kernels import native_fusion
 from effdet_jax.models import layers
 
 Array = jax.Array
@@ -122,10 +123,11 @@ class OpAfterCombine(nn.Module):
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
   depthwise_impl: str = 'auto'
+  activated: bool = False  # the act already applied (with the fusion)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    if not self.conv_bn_act_pattern:
+    if not self.conv_bn_act_pattern and not self.activated:
       x = self.act(x)
     if self.separable:
       conv = layers.SeparableConv(
@@ -188,7 +190,7 @@ class FNode(nn.Module):
           name=f'resample_{pos}_{fid}_{self.node_id}',
         )(feats[fid], target_hw, train)
       )
-    x = self._fuse(nodes)
+    fused = self._fuse_act_native(nodes) if train else None
     return OpAfterCombine(
       self.num_filters,
       self.act,
@@ -196,21 +198,43 @@ class FNode(nn.Module):
       self.conv_bn_act_pattern,
       self.dtype,
       self.depthwise_impl,
+      activated=fused is not None,
       name=f'op_after_combine{self.node_id}',
-    )(x, train)
+    )(self._fuse(nodes) if fused is None else fused, train)
+
+  def _fuse_act_native(self, nodes: list[Array]) -> Array | None:
+    """The fast-attention fusion and the op-after-combine's activation in
+    one CPU kernel (`native_fusion`), where it applies; else None. Training
+    only: there it saves the passes of the backward and of the residuals
+    (D0 b8 train step, in-process A/B: median 1274 -> 1254 ms); the
+    inference forward is one XLA fusion already (forward b8: 333 vs 338
+    ms with the kernel)."""
+    method = self.weight_method
+    if (
+      method not in ('fastattn', 'channel_fastattn')
+      or self.conv_bn_act_pattern
+      or self.depthwise_impl not in ('auto', 'native')
+      or not native_fusion.supports(nodes[0].dtype, len(nodes), self.act)
+    ):
+      return None
+    weights = jnp.stack(self._weights(len(nodes)))
+    return native_fusion.fast_fusion_act(tuple(nodes), weights, self.act)
+
+  def _weights(self, n: int) -> list[Array]:
+    shape = (
+      (self.num_filters,) if self.weight_method.startswith('channel_') else ()
+    )
+    names = ['WSM'] + [f'WSM_{i}' for i in range(1, n)]
+    return [
+      self.param(name, nn.initializers.ones, shape, jnp.float32)
+      for name in names
+    ]
 
   def _fuse(self, nodes: list[Array]) -> Array:
     method = self.weight_method
     if method == 'sum':
       return _add_n(nodes)
-    shape = (self.num_filters,) if method.startswith('channel_') else ()
-    names = ['WSM'] + [f'WSM_{i}' for i in range(1, len(nodes))]
-    weights = [
-      self.param(n, nn.initializers.ones, shape, jnp.float32).astype(
-        nodes[0].dtype
-      )
-      for n in names
-    ]
+    weights = [w.astype(nodes[0].dtype) for w in self._weights(len(nodes))]
     if method in ('attn', 'channel_attn'):
       norm = jax.nn.softmax(jnp.stack(weights), axis=0)
       return _add_n([x * norm[i] for i, x in enumerate(nodes)])
