@@ -327,6 +327,63 @@ def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
     assert _rel(a, b) < 1e-4
 
 
+@pytest.mark.parametrize('k,stride', [(3, 1), (3, 2), (5, 2)])
+def test_depthwise_affine_act_pooled_matches_unfused(k, stride):
+  """The inference epilogue with SE's squeeze summed per output row as the
+  kernel writes it: output and per-image channel means equal the unfused
+  form's; the means' gradient too; and an inference model's SE blocks use
+  it (no separate reduction over the depthwise output)."""
+  x = jax.random.normal(jax.random.key(0), (3, 11, 9, 21)) * 2
+  kernel = jax.random.normal(jax.random.key(1), (k, k, 21, 1))
+  scale = jax.random.normal(jax.random.key(2), (21,)) * 3
+  shift = jax.random.normal(jax.random.key(3), (21,))
+
+  def run(impl):
+    return layers.depthwise_conv_affine_act(
+      x, kernel, stride, scale, shift, layers.swish, impl=impl, pooled=True
+    )
+
+  with cpu_library.forced(True):
+    got = jax.jit(lambda: run('native'))()
+    g = jax.grad(
+      lambda x: jnp.sum(
+        layers.depthwise_conv_affine_act(
+          x, kernel, stride, scale, shift, layers.swish, 'native', True
+        )[1]
+      )
+    )(x)
+  want = run('lax')
+  g_want = jax.grad(
+    lambda x: jnp.sum(
+      layers.depthwise_conv_affine_act(
+        x, kernel, stride, scale, shift, layers.swish, 'lax', True
+      )[1]
+    )
+  )(x)
+  assert _rel(got[0], want[0]) < 1e-5
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+  assert got[1].shape == (3, 21)
+  assert _rel(g, g_want) < 1e-5
+
+
+def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
+  import effdet_jax
+
+  with cpu_library.forced(True):
+    model, variables = effdet_jax.create_model(
+      'efficientdet-d0', image_size=(128, 128)
+    )
+    x = jnp.zeros((1, 128, 128, 3))
+    text = (
+      jax.jit(lambda v, x: model.apply(v, x, train=False))
+      .lower(variables, x)
+      .compile()
+      .as_text()
+    )
+  assert text.count('EffdetDepthwiseForwardAffineActPooled') == 16
+  assert 'se/reduce_sum' not in text
+
+
 @pytest.mark.parametrize(
   'shape,n',
   [

@@ -32,6 +32,7 @@ TARGETS = (
   'EffdetDepthwiseInputGrad',
   'EffdetDepthwiseKernelGrad',
   'EffdetDepthwiseForwardAffineAct',
+  'EffdetDepthwiseForwardAffineActPooled',
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
   'EffdetBatchNormForwardPooled',

@@ -114,6 +114,51 @@ def depthwise_affine_act(x, kernel, scale, shift, stride, pads, out_hw, act):
   )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def depthwise_affine_act_pooled(
+  x, kernel, scale, shift, stride, pads, out_hw, act
+):
+  """`depthwise_affine_act` and its output's mean over each image `[B, C]`
+  (squeeze-excitation's squeeze, inference), summed per output row as the
+  kernel writes it: the separate reduction's read of the output is gone."""
+  shape = (x.shape[0], *out_hw, x.shape[3])
+  return cpu_library.call(
+    'EffdetDepthwiseForwardAffineActPooled',
+    (
+      jax.ShapeDtypeStruct(shape, jnp.float32),
+      jax.ShapeDtypeStruct((x.shape[0], x.shape[3]), jnp.float32),
+    ),
+    x,
+    kernel,
+    scale.astype(jnp.float32),
+    shift.astype(jnp.float32),
+    stride=np.int64(stride),
+    pad_top=np.int64(pads[0]),
+    pad_left=np.int64(pads[1]),
+    act=np.int64(cpu_library.act_code(act)),
+  )
+
+
+def _unfused_pooled(x, kernel, scale, shift, stride, pads, out_hw, act):
+  y = _unfused(x, kernel, scale, shift, stride, pads, out_hw, act)
+  return y, jnp.mean(y, axis=(1, 2))
+
+
+def _pooled_fwd(x, kernel, scale, shift, stride, pads, out_hw, act):
+  out = depthwise_affine_act_pooled(
+    x, kernel, scale, shift, stride, pads, out_hw, act
+  )
+  return out, (x, kernel, scale, shift)
+
+
+def _pooled_bwd(stride, pads, out_hw, act, res, cotangents):
+  f = lambda *a: _unfused_pooled(*a, stride, pads, out_hw, act)  # noqa: E731
+  return jax.vjp(f, *res)[1](cotangents)
+
+
+depthwise_affine_act_pooled.defvjp(_pooled_fwd, _pooled_bwd)
+
+
 def _unfused(x, kernel, scale, shift, stride, pads, out_hw, act):
   z = depthwise(x, kernel, stride, pads, out_hw) * scale + shift
   return z if act is None else act(z)

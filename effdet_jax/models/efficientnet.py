@@ -209,8 +209,12 @@ class MBConvBlock(nn.Module):
       x = bn_dw(depthwise(x))
     else:
       # Inference BN is per-channel affine: the depthwise layer applies it
-      # (and the activation) as it writes its output.
-      x = depthwise(x, epilogue=(*bn_dw(x, affine_only=True), self.act))
+      # (and the activation) as it writes its output, and sums SE's squeeze.
+      epilogue = (*bn_dw(x, affine_only=True), self.act)
+      if has_se:
+        x, squeezed = depthwise(x, epilogue=epilogue, pooled=True)
+      else:
+        x = depthwise(x, epilogue=epilogue)
     gate = None
     if has_se:
       # The gate goes into the projection's kernel (`layers.pointwise_gated`).

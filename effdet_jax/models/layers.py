@@ -206,12 +206,15 @@ def depthwise_conv_affine_act(
   shift: Array,
   act: Callable[[Array], Array] | None,
   impl: str = 'auto',
-) -> Array:
+  pooled: bool = False,
+) -> Array | tuple[Array, Array]:
   """`act(depthwise_conv(x, kernel, stride) * scale + shift)` per channel.
 
   The inference-mode BN + activation after a depthwise layer. Where the
   depthwise form is the compiled kernel they are applied as it stores its
   outputs (`native_depthwise.depthwise_affine_act`); elsewhere in jnp.
+  `pooled`: also returns the output's mean over H, W `[B, C]` (f32; SE's
+  squeeze), which the kernel sums as it writes.
   """
   kh = kernel.shape[0]
   if impl == 'auto':
@@ -221,7 +224,12 @@ def depthwise_conv_affine_act(
   ):
     (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
     out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
-    return native_depthwise.depthwise_affine_act(
+    fn = (
+      native_depthwise.depthwise_affine_act_pooled
+      if pooled
+      else native_depthwise.depthwise_affine_act
+    )
+    return fn(
       x,
       kernel[:, :, :, 0].astype(x.dtype),
       scale,
@@ -232,7 +240,10 @@ def depthwise_conv_affine_act(
       act,
     )
   y = depthwise_conv(x, kernel, stride, impl)
-  return _affine_act(y, scale, shift, act, x.dtype)
+  y = _affine_act(y, scale, shift, act, x.dtype)
+  if pooled:
+    return y, jnp.mean(y.astype(jnp.float32), axis=(1, 2))
+  return y
 
 
 def _tap(src, r, c, size, stride):
@@ -516,9 +527,11 @@ class DepthwiseConv(nn.Module):
     x: Array,
     epilogue: tuple[Array, Array, Callable[[Array], Array] | None]
     | None = None,
-  ) -> Array:
+    pooled: bool = False,
+  ) -> Array | tuple[Array, Array]:
     """`epilogue` = (scale, shift, act): act(y * scale + shift) per channel
-    (`depthwise_conv_affine_act`)."""
+    (`depthwise_conv_affine_act`); with it, `pooled` also returns the
+    output's mean over H, W `[B, C]` (f32)."""
     k = self.kernel_size
     kernel = self.param(
       'depthwise_kernel', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32
@@ -526,8 +539,10 @@ class DepthwiseConv(nn.Module):
     x = x.astype(self.dtype)
     if epilogue is not None:
       return depthwise_conv_affine_act(
-        x, kernel, self.stride, *epilogue, impl=self.impl
+        x, kernel, self.stride, *epilogue, impl=self.impl, pooled=pooled
       )
+    if pooled:
+      raise ValueError('DepthwiseConv: pooled needs the epilogue')
     return depthwise_conv(x, kernel, self.stride, self.impl)
 
 
