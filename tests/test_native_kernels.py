@@ -395,6 +395,9 @@ def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
     ((3, 4, 4, 64), 36),  # the box predict's (9 anchors x 4)
     ((1, 3, 3, 8), 1),  # one lane
     ((16384, 64), 90),  # 5.6 MiB out, plain stores past a partial block
+    ((2, 4, 4, 192), 1152),  # the late blocks' expand (K > 64: inference)
+    ((3, 5, 5, 112), 672),
+    ((1, 3, 5, 512), 20),  # K at the inference limit
   ],
 )
 @pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu, layers.relu6])
@@ -415,7 +418,9 @@ def test_pointwise_affine_act_matches_unfused(shape, n, act):
     return layers.pointwise_affine_act(x, w, scale, shift, act)
 
   with cpu_library.forced(True):
-    assert native_pointwise.supports(x.dtype, shape[-1], n, act, True)
+    assert native_pointwise.supports(
+      x.dtype, shape[-1], n, act, True, native_pointwise.MAX_IN_AFFINE
+    )
     assert (
       'EffdetPointwiseAffineAct'
       in jax.jit(fused).lower(x, w, scale, shift).as_text()

@@ -24,17 +24,24 @@ from jax import lax
 from effdet_jax.kernels import cpu_library
 
 MAX_IN = 64  # pointwise_cpu.cc kMaxIn
+MAX_IN_AFFINE = 512  # pointwise_cpu.cc kMaxInAffine (`pointwise_affine_act`)
 
 
 def supports(
-  dtype, in_channels: int, out_channels: int, act, any_width: bool = False
+  dtype,
+  in_channels: int,
+  out_channels: int,
+  act,
+  any_width: bool = False,
+  max_in: int = MAX_IN,
 ) -> bool:
-  """f32, K <= 64, N a multiple of 16 (any N with `any_width`: the
-  inference `pointwise_affine_act` pads the weights' columns), a known
-  activation, kernels on."""
+  """f32, K <= `max_in` (64; `MAX_IN_AFFINE` for `pointwise_affine_act`
+  alone), N a multiple of 16 (any N with `any_width`: the inference
+  `pointwise_affine_act` pads the weights' columns), a known activation,
+  kernels on."""
   return (
     jnp.dtype(dtype) == jnp.float32
-    and in_channels <= MAX_IN
+    and in_channels <= min(max_in, MAX_IN_AFFINE)
     and (out_channels % 16 == 0 or any_width)
     and cpu_library.act_code(act) is not None
     and cpu_library.enabled()

@@ -385,7 +385,12 @@ def pointwise_affine_act(
   if (
     impl in ('auto', 'native')
     and native_pointwise.supports(
-      x.dtype, kernel.shape[0], kernel.shape[1], act, any_width=True
+      x.dtype,
+      kernel.shape[0],
+      kernel.shape[1],
+      act,
+      any_width=True,
+      max_in=native_pointwise.MAX_IN_AFFINE,
     )
     and jnp.dtype(kernel.dtype) == jnp.float32
   ):
