@@ -338,28 +338,19 @@ def test_depthwise_affine_act_pooled_matches_unfused(k, stride):
   scale = jax.random.normal(jax.random.key(2), (21,)) * 3
   shift = jax.random.normal(jax.random.key(3), (21,))
 
-  def run(impl):
+  def run(x, impl):
     return layers.depthwise_conv_affine_act(
       x, kernel, stride, scale, shift, layers.swish, impl=impl, pooled=True
     )
 
+  def mean_grad(impl):
+    return jax.grad(lambda x: jnp.sum(run(x, impl)[1]))(x)
+
   with cpu_library.forced(True):
-    got = jax.jit(lambda: run('native'))()
-    g = jax.grad(
-      lambda x: jnp.sum(
-        layers.depthwise_conv_affine_act(
-          x, kernel, stride, scale, shift, layers.swish, 'native', True
-        )[1]
-      )
-    )(x)
-  want = run('lax')
-  g_want = jax.grad(
-    lambda x: jnp.sum(
-      layers.depthwise_conv_affine_act(
-        x, kernel, stride, scale, shift, layers.swish, 'lax', True
-      )[1]
-    )
-  )(x)
+    got = jax.jit(lambda x: run(x, 'native'))(x)
+    g = mean_grad('native')
+  want = run(x, 'lax')
+  g_want = mean_grad('lax')
   assert _rel(got[0], want[0]) < 1e-5
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
   assert got[1].shape == (3, 21)

@@ -111,6 +111,55 @@ inline V Splat(float a) {
   return V{} + a;
 }
 
+// The first `lanes` floats at p, the rest zero.
+inline V16 LoadLanes(const float* p, int64_t lanes) {
+  if (lanes >= 16) return Load<V16>(p);
+#if defined(__AVX512F__)
+  const __m512 m =
+      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1), p);
+  V16 v;
+  __builtin_memcpy(&v, &m, sizeof(v));
+  return v;
+#else
+  V16 v = Splat<V16>(0.f);
+  __builtin_memcpy(&v, p, lanes * sizeof(float));
+  return v;
+#endif
+}
+
+// The first `count` (< 16) lanes of v: an output narrower than a vector.
+inline void StorePartial(float* p, V16 v, int64_t count) {
+#if defined(__AVX512F__)
+  __m512 m;
+  __builtin_memcpy(&m, &v, sizeof(m));
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), m);
+#else
+  __builtin_memcpy(p, &v, count * sizeof(float));
+#endif
+}
+
+// Non-temporal stores for outputs larger than the last-level cache: they
+// are read back by the next layer from memory anyway, and a plain store
+// first reads each line it writes. (AVX-512 builds only; elsewhere plain.)
+constexpr int64_t kStreamBytes = int64_t{32} << 20;
+
+inline void StreamStore(float* p, V16 v) {
+#if defined(__AVX512F__)
+  __m512 m;
+  __builtin_memcpy(&m, &v, sizeof(m));
+  _mm512_stream_ps(p, m);
+#else
+  Store<V16>(p, v);
+#endif
+}
+
+// Orders a thread's streaming stores before it reports its work done.
+inline void StreamFence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 // exp for vectors (Cephes expf: range reduction by ln 2, degree-5
 // polynomial, 2^n from the exponent bits; ~1 ulp). NaN stays NaN.
 template <typename V, typename I>

@@ -486,6 +486,39 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         y->typed_data(), g, Epilogue{});
 }
 
+// The epilogue forwards' geometry, checked: one scale/shift per channel.
+ffi::Error AffineGeometry(ffi::Buffer<ffi::F32>& x,
+                          ffi::Buffer<ffi::F32>& kernel,
+                          ffi::Buffer<ffi::F32>& scale,
+                          ffi::Buffer<ffi::F32>& shift,
+                          ffi::ResultBuffer<ffi::F32>& y, int64_t stride,
+                          int64_t pad_top, int64_t pad_left, Geometry* g) {
+  const int64_t k = kernel.dimensions()[0];
+  if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
+  *g = MakeGeometry(x.dimensions(), y->dimensions(), k, stride, pad_top,
+                    pad_left);
+  if (scale.element_count() != g->c || shift.element_count() != g->c) {
+    return ffi::Error::InvalidArgument("depthwise epilogue: one per channel");
+  }
+  return ffi::Error::Success();
+}
+
+// RunForward with the epilogue act(y * scale + shift), `act` chosen here.
+ffi::Error RunAffineAct(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                        ffi::Buffer<ffi::F32>& kernel,
+                        ffi::Buffer<ffi::F32>& scale,
+                        ffi::Buffer<ffi::F32>& shift, float* y,
+                        const Geometry& g, int64_t act, float* row_sums) {
+  const Epilogue epi{scale.typed_data(), shift.typed_data()};
+  ffi::Error result = ffi::Error::Success();
+  auto dispatch = [&]<int A>() {
+    result = RunForward<A>(pool, x.typed_data(), kernel.typed_data(), y, g,
+                           epi, row_sums);
+  };
+  if (auto e = effdet::WithAct(act, dispatch); e.failure()) return e;
+  return result;
+}
+
 // Forward with the per-channel affine + activation epilogue (inference).
 ffi::Error ForwardAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> kernel,
@@ -493,22 +526,14 @@ ffi::Error ForwardAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> shift,
                             ffi::ResultBuffer<ffi::F32> y, int64_t stride,
                             int64_t pad_top, int64_t pad_left, int64_t act) {
-  const int64_t k = kernel.dimensions()[0];
-  if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
-  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), k, stride,
-                                  pad_top, pad_left);
-  if (scale.element_count() != g.c || shift.element_count() != g.c) {
-    return ffi::Error::InvalidArgument("depthwise epilogue: one per channel");
+  Geometry g;
+  if (auto e = AffineGeometry(x, kernel, scale, shift, y, stride, pad_top,
+                              pad_left, &g);
+      e.failure()) {
+    return e;
   }
-  const Epilogue epi{scale.typed_data(), shift.typed_data()};
-  auto run = [&]<int A>() {
-    return RunForward<A>(pool, x.typed_data(), kernel.typed_data(),
-                         y->typed_data(), g, epi);
-  };
-  ffi::Error result = ffi::Error::Success();
-  auto dispatch = [&]<int A>() { result = run.template operator()<A>(); };
-  if (auto e = effdet::WithAct(act, dispatch); e.failure()) return e;
-  return result;
+  return RunAffineAct(pool, x, kernel, scale, shift, y->typed_data(), g, act,
+                      nullptr);
 }
 
 // ForwardAffineAct with squeeze-excitation's squeeze (inference): `pooled`
@@ -522,25 +547,21 @@ ffi::Error ForwardAffineActPooled(
     ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
     ffi::ResultBuffer<ffi::F32> pooled, int64_t stride, int64_t pad_top,
     int64_t pad_left, int64_t act) {
-  const int64_t k = kernel.dimensions()[0];
-  if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
-  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), k, stride,
-                                  pad_top, pad_left);
-  if (scale.element_count() != g.c || shift.element_count() != g.c ||
-      pooled->element_count() != g.n * g.c) {
-    return ffi::Error::InvalidArgument(
-        "depthwise epilogue: one per channel, pooled [N, C]");
+  Geometry g;
+  if (auto e = AffineGeometry(x, kernel, scale, shift, y, stride, pad_top,
+                              pad_left, &g);
+      e.failure()) {
+    return e;
   }
-  const Epilogue epi{scale.typed_data(), shift.typed_data()};
+  if (pooled->element_count() != g.n * g.c) {
+    return ffi::Error::InvalidArgument("depthwise epilogue: pooled [N, C]");
+  }
   std::vector<float> row_sums(g.n * g.ho * g.c);
-  auto run = [&]<int A>() {
-    return RunForward<A>(pool, x.typed_data(), kernel.typed_data(),
-                         y->typed_data(), g, epi, row_sums.data());
-  };
-  ffi::Error result = ffi::Error::Success();
-  auto dispatch = [&]<int A>() { result = run.template operator()<A>(); };
-  if (auto e = effdet::WithAct(act, dispatch); e.failure()) return e;
-  if (result.failure()) return result;
+  if (auto e = RunAffineAct(pool, x, kernel, scale, shift, y->typed_data(), g,
+                            act, row_sums.data());
+      e.failure()) {
+    return e;
+  }
   const double pixels = static_cast<double>(g.ho * g.wo);
   float* out = pooled->typed_data();
   for (int64_t n = 0; n < g.n; ++n) {

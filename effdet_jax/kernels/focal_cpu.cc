@@ -146,38 +146,17 @@ constexpr int64_t kFlushAnchors = 64;
 // Vectors between flushes on the flat path (about as many terms per lane).
 constexpr int64_t kFlushVectors = 4096;
 
-// Gradients larger than this are written with non-temporal stores: the
-// class predict's backward reads them back from memory anyway, and a plain
-// store first reads each line it writes.
-constexpr int64_t kStreamBytes = int64_t{32} << 20;
-
-// The first n lanes from p (n <= 16), zeros past them.
-inline V16 LoadFirst(const float* p, int64_t n) {
-#if defined(__AVX512F__)
-  const __m512 m =
-      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-  V16 v;
-  __builtin_memcpy(&v, &m, sizeof(v));
-  return v;
-#else
-  V16 v = Splat<V16>(0.f);
-  __builtin_memcpy(&v, p, n * sizeof(float));
-  return v;
-#endif
-}
-
+// n <= 16 lanes of a gradient vector; whole ones streamed with `stream`
+// (gradients over kStreamBytes: the class predict's backward reads them
+// back from memory anyway).
 inline void StoreFirst(float* p, V16 v, int64_t n, bool stream) {
-#if defined(__AVX512F__)
-  __m512 m;
-  __builtin_memcpy(&m, &v, sizeof(m));
-  if (n == 16 && stream) {
-    _mm512_stream_ps(p, m);
+  if (n < 16) {
+    effdet::StorePartial(p, v, n);
+  } else if (stream) {
+    effdet::StreamStore(p, v);
   } else {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), m);
+    Store<V16>(p, v);
   }
-#else
-  __builtin_memcpy(p, &v, n * sizeof(float));
-#endif
 }
 
 // Anchors [a_lo, a_hi) as one flat run of their logits, in 16-lane vectors
@@ -206,7 +185,7 @@ double FlatRun(const float* x, const int32_t* id, int64_t c, int64_t a_lo,
     const auto positive = (iota == static_cast<int32_t>(pa < 16 ? pa : -1)) |
                           (iota == static_cast<int32_t>(pb < 16 ? pb : -1));
     V16 grad;
-    const V16 term = Term<P, V16>(LoadFirst(x + i, n), positive, k, &grad);
+    const V16 term = Term<P, V16>(effdet::LoadLanes(x + i, n), positive, k, &grad);
     acc += n == 16 ? term : (iota < static_cast<int32_t>(n) ? term
                                                             : Splat<V16>(0.f));
     StoreFirst(g + i, grad, n, stream);
@@ -245,7 +224,7 @@ ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
       std::max<int64_t>(std::min(anchors, effdet::kReduceChunks), 1);
   std::vector<double> partial(chunks, 0.0);
   const bool flat = num_classes >= 16;
-  const bool stream = anchors * num_classes * 4 >= kStreamBytes &&
+  const bool stream = anchors * num_classes * 4 >= effdet::kStreamBytes &&
                       reinterpret_cast<uintptr_t>(g) % 64 == 0;
   auto anchor = k.gamma == 1.5f ? Anchor<Power::kOneAndAHalf>
                 : k.gamma == 2.f ? Anchor<Power::kTwo>
@@ -258,9 +237,7 @@ ffi::Error FocalLoss(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
     const int64_t hi = effdet::ChunkStart(anchors, chunks, chunk + 1);
     if (flat) {
       partial[chunk] = run(x, id, num_classes, lo, hi, k, g, stream);
-#if defined(__AVX512F__)
-      if (stream) _mm_sfence();
-#endif
+      if (stream) effdet::StreamFence();
       return;
     }
     double sum = 0.0;

@@ -72,6 +72,21 @@ ffi::Error Collect(ffi::RemainingArgs& inputs, ffi::Buffer<ffi::F32>& w,
   return ffi::Error::Success();
 }
 
+// The fused sum of one row's channels [cb, cb + lanes of V) at `off`,
+// the jnp form's arithmetic; the inputs' vectors kept in `xs`.
+template <typename V>
+inline V FusedSum(const Operands& op, const float* w, const float* t,
+                  int64_t off, int64_t cb, V* xs) {
+  const V tv = Load<V>(t + cb);
+  xs[0] = Load<V>(op.x[0] + off + cb);
+  V s = (xs[0] * Load<V>(w + cb)) / tv;
+  for (int64_t i = 1; i < op.n; ++i) {
+    xs[i] = Load<V>(op.x[i] + off + cb);
+    s += (xs[i] * Load<V>(w + i * op.c + cb)) / tv;
+  }
+  return s;
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
                    ffi::Buffer<ffi::F32> t, ffi::RemainingArgs inputs,
                    ffi::ResultBuffer<ffi::F32> out, int64_t act) {
@@ -87,12 +102,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w,
     effdet::ForEachRow(pool, op.rows, [&](int64_t r) {
       const int64_t off = r * op.c;
       ForChannels(op.c, [&]<typename V>(int64_t cb) {
-        const V tv = Load<V>(td + cb);
-        V s = (Load<V>(op.x[0] + off + cb) * Load<V>(wd + cb)) / tv;
-        for (int64_t i = 1; i < op.n; ++i) {
-          s += (Load<V>(op.x[i] + off + cb) * Load<V>(wd + i * op.c + cb)) /
-               tv;
-        }
+        V xs[kMaxInputs];
+        const V s = FusedSum<V>(op, wd, td, off, cb, xs);
         Store<V>(y + off + cb, effdet::Activate<A>(s));
       });
     });
@@ -143,16 +154,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
         for (int64_t r = r0; r < std::min(hi, r0 + kBlockRows); ++r) {
           const int64_t off = r * c;
           ForChannels(c, [&]<typename V>(int64_t cb) {
-            const V tv = Load<V>(td + cb);
             V xs[kMaxInputs];
-            xs[0] = Load<V>(op.x[0] + off + cb);
-            V s = (xs[0] * Load<V>(wd + cb)) / tv;
-            for (int64_t i = 1; i < n; ++i) {
-              xs[i] = Load<V>(op.x[i] + off + cb);
-              s += (xs[i] * Load<V>(wd + i * c + cb)) / tv;
-            }
+            const V s = FusedSum<V>(op, wd, td, off, cb, xs);
             const V ga = effdet::ActGrad<A>(s, Load<V>(gd + off + cb));
-            const V gt = ga / tv;
+            const V gt = ga / Load<V>(td + cb);
             for (int64_t i = 0; i < n; ++i) {
               Store<V>(dx[i] + off + cb, gt * Load<V>(wd + i * c + cb));
               Store<V>(block.data() + i * c + cb,

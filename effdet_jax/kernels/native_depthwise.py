@@ -100,9 +100,20 @@ def depthwise_affine_act(x, kernel, scale, shift, stride, pads, out_hw, act):
   that differentiates an inference-mode model.
   """
   shape = (x.shape[0], *out_hw, x.shape[3])
-  return cpu_library.call(
+  return _call_epilogue(
     'EffdetDepthwiseForwardAffineAct',
     jax.ShapeDtypeStruct(shape, jnp.float32),
+    (x, kernel, scale, shift, stride, pads, act),
+  )
+
+
+def _call_epilogue(target, results, args):
+  """A forward with the affine + activation epilogue: `args` = (x, kernel,
+  scale, shift, stride, pads, act)."""
+  x, kernel, scale, shift, stride, pads, act = args
+  return cpu_library.call(
+    target,
+    results,
     x,
     kernel,
     scale.astype(jnp.float32),
@@ -122,20 +133,13 @@ def depthwise_affine_act_pooled(
   (squeeze-excitation's squeeze, inference), summed per output row as the
   kernel writes it: the separate reduction's read of the output is gone."""
   shape = (x.shape[0], *out_hw, x.shape[3])
-  return cpu_library.call(
+  return _call_epilogue(
     'EffdetDepthwiseForwardAffineActPooled',
     (
       jax.ShapeDtypeStruct(shape, jnp.float32),
       jax.ShapeDtypeStruct((x.shape[0], x.shape[3]), jnp.float32),
     ),
-    x,
-    kernel,
-    scale.astype(jnp.float32),
-    shift.astype(jnp.float32),
-    stride=np.int64(stride),
-    pad_top=np.int64(pads[0]),
-    pad_left=np.int64(pads[1]),
-    act=np.int64(cpu_library.act_code(act)),
+    (x, kernel, scale, shift, stride, pads, act),
   )
 
 

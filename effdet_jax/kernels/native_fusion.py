@@ -70,7 +70,7 @@ def fast_fusion_act(
 
 
 def _fwd(xs, weights, act):
-  return fast_fusion_act(xs, weights, act), (tuple(xs), weights)
+  return fast_fusion_act(xs, weights, act), (xs, weights)
 
 
 def _bwd(act, res, g):
@@ -97,7 +97,7 @@ def _bwd(act, res, g):
   else:
     dr = sums / total
   dweights = jnp.where(weights > 0, dr, 0.0).astype(weights.dtype)
-  return list(dxs) if isinstance(xs, list) else tuple(dxs), dweights
+  return type(xs)(dxs), dweights
 
 
 fast_fusion_act.defvjp(_fwd, _bwd)

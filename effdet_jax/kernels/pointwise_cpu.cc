@@ -29,6 +29,10 @@ namespace {
 using effdet::Load;
 using effdet::Splat;
 using effdet::Store;
+using effdet::StorePartial;
+using effdet::StreamFence;
+using effdet::StreamStore;
+using effdet::kStreamBytes;
 using effdet::V16;
 
 constexpr int kRows = 8;         // rows per group
@@ -38,39 +42,6 @@ constexpr int64_t kMaxIn = 64;   // input channels handled here
 // the late blocks; measured against XLA's dot + its epilogue pass at D0 b8:
 // 8192 x 80 -> 480 4.40 -> 3.72 ms, 2048 x 192 -> 1152 5.48 -> 4.57 ms).
 constexpr int64_t kMaxInAffine = 512;
-
-// Non-temporal stores for outputs larger than the last-level cache: they
-// are read back by the next layer from memory anyway, and a plain store
-// first reads each line it writes. (AVX-512 builds only; elsewhere plain.)
-constexpr int64_t kStreamBytes = int64_t{32} << 20;
-
-inline void StreamStore(float* p, V16 v) {
-#if defined(__AVX512F__)
-  __m512 m;
-  __builtin_memcpy(&m, &v, sizeof(m));
-  _mm512_stream_ps(p, m);
-#else
-  Store<V16>(p, v);
-#endif
-}
-
-inline void StreamFence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
-
-// The first `count` (< 16) lanes of v: an output narrower than the
-// weights' padded column blocks (the class predict's 810 channels).
-inline void StorePartial(float* p, V16 v, int64_t count) {
-#if defined(__AVX512F__)
-  __m512 m;
-  __builtin_memcpy(&m, &v, sizeof(m));
-  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1), m);
-#else
-  __builtin_memcpy(p, &v, count * sizeof(float));
-#endif
-}
 
 // One output vector at p, `left` = the row's lanes from p on.
 template <bool Stream>

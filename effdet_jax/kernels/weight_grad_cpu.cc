@@ -40,28 +40,13 @@ namespace ffi = xla::ffi;
 namespace {
 
 using effdet::Load;
+using effdet::LoadLanes;
 using effdet::Splat;
 using effdet::V16;
 
 constexpr int kMaxTile = 24;          // scalars per tile: its sums in zmm
 constexpr int64_t kBlockRows = 32;    // rows a tile sweeps (in L1)
 constexpr int64_t kFlushBlocks = 16;  // blocks between f32 -> double
-
-// The first `lanes` floats at p, the rest zero.
-inline V16 LoadLanes(const float* p, int64_t lanes) {
-  if (lanes >= 16) return Load<V16>(p);
-#if defined(__AVX512F__)
-  const __m512 m =
-      _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes) - 1), p);
-  V16 v;
-  __builtin_memcpy(&v, &m, sizeof(v));
-  return v;
-#else
-  V16 v = Splat<V16>(0.f);
-  __builtin_memcpy(&v, p, lanes * sizeof(float));
-  return v;
-#endif
-}
 
 // sums[t * stride] += sum over the block's rows of s_r[t] * v_r, t < T,
 // with s_r = srow[r] + soff and v_r the `lanes` floats at v + r * vs.
