@@ -357,6 +357,61 @@ def test_depthwise_affine_act_pooled_matches_unfused(k, stride):
   assert _rel(g, g_want) < 1e-5
 
 
+@pytest.mark.parametrize(
+  'shape,width,k,stride,pooled',
+  [
+    ((2, 9, 11, 5), 24, 3, 1, False),  # odd sizes, 8 + 1 channel blocks
+    ((2, 9, 11, 5), 40, 3, 2, True),  # 16 + 16 + 8: padded expand columns
+    ((1, 10, 7, 8), 37, 5, 2, True),  # every channel width, a 1-row range
+    ((3, 17, 16, 16), 48, 5, 1, False),  # ranges over image boundaries
+    ((1, 1, 1, 3), 16, 3, 2, True),  # a window of padding and one row
+  ],
+)
+def test_expand_depthwise_matches_unfused(shape, width, k, stride, pooled):
+  """An MBConv block's expand + depthwise layers in one kernel (the
+  expanded rows computed into a ring as the depthwise loop needs them)
+  equal the two layers' own forms: output, SE's squeeze and the gradients
+  of x and of the expand weights."""
+  keys = jax.random.split(jax.random.key(0), 7)
+  x = jax.random.normal(keys[0], shape)
+  w = jax.random.normal(keys[1], (shape[-1], width)) * 0.5
+  e_scale = jax.random.uniform(keys[2], (width,), minval=0.5, maxval=1.5)
+  e_shift = jax.random.normal(keys[3], (width,)) * 0.1
+  kernel = jax.random.normal(keys[4], (k, k, width, 1)) * 0.5
+  scale = jax.random.uniform(keys[5], (width,), minval=0.5, maxval=1.5)
+  shift = jax.random.normal(keys[6], (width,)) * 0.1
+
+  def run(x, w, impl):
+    return layers.expand_depthwise_affine_act(
+      x,
+      (w, e_scale, e_shift),
+      kernel,
+      stride,
+      scale,
+      shift,
+      layers.swish,
+      impl=impl,
+      pooled=pooled,
+    )
+
+  def grads(impl):
+    loss = lambda x, w: jnp.sum(jax.tree.leaves(run(x, w, impl))[0] ** 2)  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  with cpu_library.forced(True):
+    fn = jax.jit(lambda x, w: run(x, w, 'native'))
+    got = fn(x, w)
+    text = fn.lower(x, w).compile().as_text()
+    g = grads('native')
+  want = run(x, w, 'lax')
+  assert 'EffdetExpandDepthwiseAffineAct' in text
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.shape == b.shape
+    assert _rel(a, b) < 1e-5
+  for a, b in zip(g, grads('lax'), strict=True):
+    assert _rel(a, b) < 1e-5
+
+
 def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
   import effdet_jax
 
@@ -371,7 +426,10 @@ def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
       .compile()
       .as_text()
     )
-  assert text.count('EffdetDepthwiseForwardAffineActPooled') == 16
+  # D0's 16 SE blocks: the 15 with an expand layer run it in the same
+  # kernel (the expanded tensor never written), the first alone.
+  assert text.count('EffdetExpandDepthwiseAffineActPooled') == 15
+  assert text.count('EffdetDepthwiseForwardAffineActPooled') == 1
   assert 'se/reduce_sum' not in text
 
 

@@ -33,6 +33,8 @@ TARGETS = (
   'EffdetDepthwiseKernelGrad',
   'EffdetDepthwiseForwardAffineAct',
   'EffdetDepthwiseForwardAffineActPooled',
+  'EffdetExpandDepthwiseAffineAct',
+  'EffdetExpandDepthwiseAffineActPooled',
   'EffdetBatchNormForward',
   'EffdetBatchNormBackward',
   'EffdetBatchNormForwardPooled',

@@ -19,6 +19,7 @@
 
 #include "batch_norm_math.h"
 #include "cpu_common.h"
+#include "pointwise_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -183,12 +184,12 @@ int64_t ForwardInterior(const float* const* rows, const V* kr, float* y,
 
 // One output row of the forward: border columns through the tap table,
 // interior columns through ForwardInterior.
+// `window[i]` points at input row i of the window (zeros outside).
 template <int K, int S, typename V, int L, int A>
-int64_t ForwardRowBlocks(const float* __restrict x, const float* __restrict k,
-                         float* __restrict y, const Geometry& g,
-                         const int64_t* rows, const float* zeros,
-                         const float* const* next, const Taps& taps,
-                         const Interior& in, int64_t cb,
+int64_t ForwardRowBlocks(const float* const* window,
+                         const float* __restrict k, float* __restrict y,
+                         const Geometry& g, const float* const* next,
+                         const Taps& taps, const Interior& in, int64_t cb,
                          const Epilogue& epi) {
   const int64_t c = g.c;
   constexpr int U = K == 3 ? 4 : 2;
@@ -202,9 +203,7 @@ int64_t ForwardRowBlocks(const float* __restrict x, const float* __restrict k,
       sh = Load<V>(epi.shift + cb);
     }
     const float* rp[K];
-    for (int i = 0; i < K; ++i) {
-      rp[i] = (rows[i] < 0 ? zeros : x + rows[i] * g.w * c) + cb;
-    }
+    for (int i = 0; i < K; ++i) rp[i] = window[i] + cb;
     auto border = [&](int64_t op) {
       const int64_t* col = &taps.col[op * K];
       V acc = effdet::Splat<V>(0.f);
@@ -233,14 +232,30 @@ int64_t ForwardRowBlocks(const float* __restrict x, const float* __restrict k,
   return cb;
 }
 
+// The three channel widths of one output row (16, 8, then 1 at a time).
+template <int K, int S, int A>
+void ForwardRowWindow(const float* const* window, const float* k, float* yr,
+                      const Geometry& g, const float* const* next,
+                      const Taps& taps, const Interior& in,
+                      const Epilogue& epi) {
+  int64_t cb = ForwardRowBlocks<K, S, V16, 16, A>(window, k, yr, g, next,
+                                                  taps, in, 0, epi);
+  cb = ForwardRowBlocks<K, S, V8, 8, A>(window, k, yr, g, next, taps, in, cb,
+                                        epi);
+  ForwardRowBlocks<K, S, float, 1, A>(window, k, yr, g, next, taps, in, cb,
+                                      epi);
+}
+
 template <int K, int S, int A = -1>
 void ForwardRow(const float* x, const float* k, float* y, const Geometry& g,
                 const float* zeros, const Taps& taps, const Interior& in,
                 int64_t n, int64_t o, const Epilogue& epi = Epilogue{}) {
   int64_t rows[K];
+  const float* window[K];
   for (int i = 0; i < K; ++i) {
     const int64_t r = o * S + i - g.pad_top;
     rows[i] = (r >= 0 && r < g.h) ? n * g.h + r : -1;
+    window[i] = rows[i] < 0 ? zeros : x + rows[i] * g.w * g.c;
   }
   // The rows the next output row of this image adds (none past the image).
   const float* next[S];
@@ -250,12 +265,7 @@ void ForwardRow(const float* x, const float* k, float* y, const Geometry& g,
     next[q] = more ? x + (last + 1 + q) * g.w * g.c : nullptr;
   }
   float* yr = y + (n * g.ho + o) * g.wo * g.c;
-  int64_t cb = ForwardRowBlocks<K, S, V16, 16, A>(x, k, yr, g, rows, zeros,
-                                                  next, taps, in, 0, epi);
-  cb = ForwardRowBlocks<K, S, V8, 8, A>(x, k, yr, g, rows, zeros, next, taps,
-                                        in, cb, epi);
-  ForwardRowBlocks<K, S, float, 1, A>(x, k, yr, g, rows, zeros, next, taps,
-                                      in, cb, epi);
+  ForwardRowWindow<K, S, A>(window, k, yr, g, next, taps, in, epi);
 }
 
 // dx[r, :, :] for one input row: the taps (i, j) that read input (r, q)
@@ -455,6 +465,22 @@ void SumRow(const float* yp, const Geometry& g, int64_t n, int64_t o,
   }
 }
 
+// The means `out` [N, C] of the output from its row sums [N, Ho, C], the
+// rows added in order, in double: the same bits whatever the thread count.
+void PoolRows(const std::vector<float>& row_sums, const Geometry& g,
+              float* out) {
+  const double pixels = static_cast<double>(g.ho * g.wo);
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t ch = 0; ch < g.c; ++ch) {
+      double sum = 0.0;
+      for (int64_t o = 0; o < g.ho; ++o) {
+        sum += row_sums[(n * g.ho + o) * g.c + ch];
+      }
+      out[n * g.c + ch] = static_cast<float>(sum / pixels);
+    }
+  }
+}
+
 // The forward over all rows (epilogue A >= 0: act(y * scale + shift));
 // with `row_sums` [N, Ho, C], each output row's channel sums too.
 template <int A>
@@ -539,8 +565,7 @@ ffi::Error ForwardAffineAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // ForwardAffineAct with squeeze-excitation's squeeze (inference): `pooled`
 // [N, C] the output's mean over each image, from row sums taken as each
 // output row is written (the separate reduction read the whole output
-// again: D0 b8 inference, ~12 ms over the SE blocks). Rows summed in
-// order, in double: the same bits whatever the thread count.
+// again: D0 b8 inference, ~12 ms over the SE blocks).
 ffi::Error ForwardAffineActPooled(
     ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> scale,
@@ -562,17 +587,162 @@ ffi::Error ForwardAffineActPooled(
       e.failure()) {
     return e;
   }
-  const double pixels = static_cast<double>(g.ho * g.wo);
-  float* out = pooled->typed_data();
-  for (int64_t n = 0; n < g.n; ++n) {
-    for (int64_t ch = 0; ch < g.c; ++ch) {
-      double sum = 0.0;
-      for (int64_t o = 0; o < g.ho; ++o) {
-        sum += row_sums[(n * g.ho + o) * g.c + ch];
+  PoolRows(row_sums, g, pooled->typed_data());
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Expand + depthwise (inference). An MBConv block's expand layer (1x1 conv
+// + BN + act, pointwise_rows.h) is computed row by row into a ring of K
+// rows as the depthwise loop reaches them, so the block's largest tensor
+// (D0 b8's first: [8, 256, 256, 96], 201 MB) is never written to memory
+// nor read back; a ring of K rows stays in L2.
+
+struct Expand {
+  const float* w;      // [cin, cw]: cw a multiple of 16, cw - 16 < C <= cw
+  const float* scale;  // [cw]
+  const float* shift;  // [cw]
+  int64_t cin, cw;
+};
+
+// Output rows [t_lo, t_hi) in (image, row) order. Expanded input row r goes
+// to slot r % K of the ring when a window first needs it: once per range
+// (a range's first window computes its K rows; later windows S new ones).
+template <int K, int S, int A>
+void ExpandDepthwiseRows(const float* xp, const Expand& e, const float* kp,
+                         float* yp, const Geometry& g, const Epilogue& epi,
+                         const Taps& taps, const Interior& in,
+                         const float* zeros, int64_t t_lo, int64_t t_hi,
+                         float* row_sums) {
+  const int64_t row = g.w * g.c;
+  std::vector<float> ring(K * row);
+  const float* const next[S] = {};  // the window's rows are in cache
+  int64_t image = -1, done = -1;    // expanded rows of `image` up to `done`
+  for (int64_t t = t_lo; t < t_hi; ++t) {
+    const int64_t n = t / g.ho, o = t % g.ho;
+    if (n != image) image = n, done = -1;
+    const float* window[K];
+    for (int i = 0; i < K; ++i) {
+      const int64_t r = o * S + i - g.pad_top;
+      if (r < 0 || r >= g.h) {
+        window[i] = zeros;
+        continue;
       }
-      out[n * g.c + ch] = static_cast<float>(sum / pixels);
+      float* slot = ring.data() + (r % K) * row;
+      if (r > done) {
+        effdet::pointwise::Rows<A, false>(
+            xp + (n * g.h + r) * g.w * e.cin, e.w, e.scale, e.shift, slot, 0,
+            g.w, e.cin, e.cw, g.c);
+        done = r;
+      }
+      window[i] = slot;
     }
+    float* yr = yp + t * g.wo * g.c;
+    ForwardRowWindow<K, S, A>(window, kp, yr, g, next, taps, in, epi);
+    if (row_sums) SumRow(yp, g, n, o, row_sums + t * g.c);
   }
+}
+
+// All output rows in ranges of 8 rows or more (each range recomputes up to
+// K - S expanded rows of its first window).
+template <int A>
+void RunExpandDepthwise(ffi::ThreadPool& pool, const float* xp,
+                        const Expand& e, const float* kp, float* yp,
+                        const Geometry& g, const Epilogue& epi,
+                        float* row_sums) {
+  const Taps taps = ForwardTaps(g.wo, g.k, g.stride, g.pad_left, g.w);
+  const Interior in = InteriorColumns(g);
+  const std::vector<float> zeros(g.w * g.c, 0.f);
+  const int64_t total = g.n * g.ho;
+  const int64_t chunks = std::max<int64_t>(
+      1, std::min<int64_t>(effdet::LoopChunks(total, pool), total / 8));
+  WithKS(g.k, g.stride, [&](auto K, auto S) {
+    effdet::ParallelFor(pool, chunks, [&](int64_t c) {
+      ExpandDepthwiseRows<K(), S(), A>(
+          xp, e, kp, yp, g, epi, taps, in, zeros.data(),
+          effdet::ChunkStart(total, chunks, c),
+          effdet::ChunkStart(total, chunks, c + 1), row_sums);
+    });
+  });
+}
+
+// x [N, H, W, cin], expand w [cin, cw] with its scale/shift [cw], depthwise
+// kernel [K, K, C] with its scale/shift [C], y [N, Ho, Wo, C]; one `act`
+// for both layers (an MBConv block's). `row_sums` [N, Ho, C] or null.
+ffi::Error ExpandDepthwiseImpl(
+    ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w,
+    ffi::Buffer<ffi::F32>& e_scale, ffi::Buffer<ffi::F32>& e_shift,
+    ffi::Buffer<ffi::F32>& kernel, ffi::Buffer<ffi::F32>& scale,
+    ffi::Buffer<ffi::F32>& shift, ffi::ResultBuffer<ffi::F32>& y,
+    int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act,
+    std::vector<float>* row_sums, Geometry* geometry) {
+  const int64_t k = kernel.dimensions()[0];
+  if (auto e = CheckAttrs(stride, pad_top, pad_left, k); e.failure()) return e;
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || wd.size() != 2 || yd.size() != 4 || wd[0] != xd[3] ||
+      yd[0] != xd[0] || wd[1] % 16 != 0 || yd[3] > wd[1] ||
+      yd[3] <= wd[1] - 16 || e_scale.element_count() != wd[1] ||
+      e_shift.element_count() != wd[1] || scale.element_count() != yd[3] ||
+      shift.element_count() != yd[3] ||
+      kernel.element_count() != k * k * yd[3]) {
+    return ffi::Error::InvalidArgument(
+        "expand depthwise: x [N,H,W,Cin], w [Cin,Cw] (Cw a multiple of 16, "
+        "Cw - 16 < C <= Cw) with scale/shift [Cw], kernel [k,k,C] with "
+        "scale/shift [C], y [N,Ho,Wo,C]");
+  }
+  const Geometry g{xd[0], xd[1],  xd[2],   yd[3],   yd[1],
+                   yd[2], k,      stride,  pad_top, pad_left};
+  *geometry = g;
+  const Expand e{w.typed_data(), e_scale.typed_data(), e_shift.typed_data(),
+                 xd[3], wd[1]};
+  const Epilogue epi{scale.typed_data(), shift.typed_data()};
+  float* sums = nullptr;
+  if (row_sums) {
+    row_sums->resize(g.n * g.ho * g.c);
+    sums = row_sums->data();
+  }
+  auto run = [&]<int A>() {
+    RunExpandDepthwise<A>(pool, x.typed_data(), e, kernel.typed_data(),
+                          y->typed_data(), g, epi, sums);
+  };
+  return effdet::WithAct(act, run);
+}
+
+ffi::Error ExpandDepthwiseAffineAct(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+    ffi::Buffer<ffi::F32> e_scale, ffi::Buffer<ffi::F32> e_shift,
+    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> scale,
+    ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+    int64_t stride, int64_t pad_top, int64_t pad_left, int64_t act) {
+  Geometry g;
+  return ExpandDepthwiseImpl(pool, x, w, e_scale, e_shift, kernel, scale,
+                             shift, y, stride, pad_top, pad_left, act,
+                             nullptr, &g);
+}
+
+// ExpandDepthwiseAffineAct with SE's squeeze `pooled` [N, C] (as
+// ForwardAffineActPooled).
+ffi::Error ExpandDepthwiseAffineActPooled(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+    ffi::Buffer<ffi::F32> e_scale, ffi::Buffer<ffi::F32> e_shift,
+    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> scale,
+    ffi::Buffer<ffi::F32> shift, ffi::ResultBuffer<ffi::F32> y,
+    ffi::ResultBuffer<ffi::F32> pooled, int64_t stride, int64_t pad_top,
+    int64_t pad_left, int64_t act) {
+  Geometry g;
+  std::vector<float> row_sums;
+  if (auto e = ExpandDepthwiseImpl(pool, x, w, e_scale, e_shift, kernel,
+                                   scale, shift, y, stride, pad_top, pad_left,
+                                   act, &row_sums, &g);
+      e.failure()) {
+    return e;
+  }
+  if (pooled->element_count() != g.n * g.c) {
+    return ffi::Error::InvalidArgument("expand depthwise: pooled [N, C]");
+  }
+  PoolRows(row_sums, g, pooled->typed_data());
   return ffi::Error::Success();
 }
 
@@ -685,6 +855,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseForwardAffineActPooled,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // pooled
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("act"));
+
+#define EFFDET_EXPAND_DEPTHWISE_ARGS                    \
+  ffi::Ffi::Bind()                                      \
+      .Ctx<ffi::ThreadPool>()                           \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* x */            \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* expand w */     \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* expand scale */ \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* expand shift */ \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* kernel */       \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* scale */        \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* shift */        \
+      .Ret<ffi::Buffer<ffi::F32>>()  /* y */
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetExpandDepthwiseAffineAct,
+                              ExpandDepthwiseAffineAct,
+                              EFFDET_EXPAND_DEPTHWISE_ARGS
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetExpandDepthwiseAffineActPooled,
+                              ExpandDepthwiseAffineActPooled,
+                              EFFDET_EXPAND_DEPTHWISE_ARGS
                                   .Ret<ffi::Buffer<ffi::F32>>()  // pooled
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad_top")

@@ -179,3 +179,87 @@ def _epi_bwd(stride, pads, out_hw, act, res, dy):
 
 
 depthwise_affine_act.defvjp(_epi_fwd, _epi_bwd)
+
+
+def _padded_expand(w, scale, shift):
+  """The expand layer's (w, scale, shift), columns zero-padded to a
+  multiple of 16 (the kernel computes whole 16-channel blocks)."""
+  pad = -w.shape[1] % 16
+  return (
+    jnp.pad(w.astype(jnp.float32), ((0, 0), (0, pad))),
+    jnp.pad(scale.astype(jnp.float32), (0, pad)),
+    jnp.pad(shift.astype(jnp.float32), (0, pad)),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def expand_depthwise_affine_act(
+  x,
+  w,
+  e_scale,
+  e_shift,
+  kernel,
+  scale,
+  shift,
+  stride,
+  pads,
+  out_hw,
+  act,
+  pooled,
+):
+  """An MBConv block's expand and depthwise layers with their inference BN
+  and activation, `act(depthwise(act(x @ w * e_scale + e_shift)) * scale +
+  shift)` (f32), in one kernel: the expanded rows are computed into a ring
+  of k rows as the depthwise loop needs them, so the expanded tensor is
+  never written. `pooled`: returns (y, y's mean over each image `[B, C]`).
+  Differentiable through the unfused form."""
+  c = w.shape[1]
+  y = jax.ShapeDtypeStruct((x.shape[0], *out_hw, c), jnp.float32)
+  results = (y, jax.ShapeDtypeStruct((x.shape[0], c), jnp.float32))
+  return cpu_library.call(
+    'EffdetExpandDepthwiseAffineActPooled'
+    if pooled
+    else 'EffdetExpandDepthwiseAffineAct',
+    results if pooled else y,
+    x,
+    *_padded_expand(w, e_scale, e_shift),
+    kernel,
+    scale.astype(jnp.float32),
+    shift.astype(jnp.float32),
+    stride=np.int64(stride),
+    pad_top=np.int64(pads[0]),
+    pad_left=np.int64(pads[1]),
+    act=np.int64(cpu_library.act_code(act)),
+  )
+
+
+def _unfused_expand(
+  x,
+  w,
+  e_scale,
+  e_shift,
+  kernel,
+  scale,
+  shift,
+  stride,
+  pads,
+  out_hw,
+  act,
+  pooled,
+):
+  z = jnp.einsum('...c,cd->...d', x, w) * e_scale + e_shift
+  z = z if act is None else act(z)
+  args = (z, kernel, scale, shift, stride, pads, out_hw, act)
+  return _unfused_pooled(*args) if pooled else _unfused(*args)
+
+
+def _expand_fwd(*args):
+  return expand_depthwise_affine_act(*args), args[:7]
+
+
+def _expand_bwd(stride, pads, out_hw, act, pooled, res, cotangents):
+  f = lambda *a: _unfused_expand(*a, stride, pads, out_hw, act, pooled)  # noqa: E731
+  return jax.vjp(f, *res)[1](cotangents)
+
+
+expand_depthwise_affine_act.defvjp(_expand_fwd, _expand_bwd)

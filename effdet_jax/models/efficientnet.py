@@ -178,6 +178,7 @@ class MBConvBlock(nn.Module):
     )
 
     x = inputs
+    fused_expand = None
     if a.expand_ratio != 1:
       expanded = inputs.shape[-1] * a.expand_ratio
       expand = conv(expanded, next(conv_names))
@@ -187,11 +188,12 @@ class MBConvBlock(nn.Module):
         # kernel does both (`layers.Conv(bn=)`).
         x = expand(x, bn=bn0)
       else:
-        # Inference BN is per-channel affine: the conv applies it (and the
-        # activation) as it writes (`layers.pointwise_affine_act`). BN reads
-        # only the feature count from its argument here.
+        # Inference BN is per-channel affine: the expand layer goes to the
+        # depthwise layer, which runs both with their BN and activation
+        # (`layers.DepthwiseConv(expand=)`). BN reads only the feature count
+        # from its argument here.
         affine = bn0(jnp.zeros((0, expanded), x.dtype), affine_only=True)
-        x = expand(x, epilogue=(*affine, self.act))
+        fused_expand = (expand(x, kernel_only=True)[0, 0], *affine)
     depthwise = layers.DepthwiseConv(
       a.kernel_size,
       a.stride,
@@ -210,11 +212,13 @@ class MBConvBlock(nn.Module):
     else:
       # Inference BN is per-channel affine: the depthwise layer applies it
       # (and the activation) as it writes its output, and sums SE's squeeze.
-      epilogue = (*bn_dw(x, affine_only=True), self.act)
-      if has_se:
-        x, squeezed = depthwise(x, epilogue=epilogue, pooled=True)
-      else:
-        x = depthwise(x, epilogue=epilogue)
+      width = x.shape[-1] if fused_expand is None else expanded
+      epilogue = (
+        *bn_dw(jnp.zeros((0, width), x.dtype), affine_only=True),
+        self.act,
+      )
+      out = depthwise(x, epilogue=epilogue, pooled=has_se, expand=fused_expand)
+      x, squeezed = out if has_se else (out, None)
     gate = None
     if has_se:
       # The gate goes into the projection's kernel (`layers.pointwise_gated`).

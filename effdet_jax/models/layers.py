@@ -246,6 +246,63 @@ def depthwise_conv_affine_act(
   return y
 
 
+def expand_depthwise_affine_act(
+  x: Array,
+  expand: tuple[Array, Array, Array],
+  kernel: Array,
+  stride: int,
+  scale: Array,
+  shift: Array,
+  act: Callable[[Array], Array] | None,
+  impl: str = 'auto',
+  pooled: bool = False,
+) -> Array | tuple[Array, Array]:
+  """An MBConv block's expand and depthwise layers at inference:
+  `depthwise_conv_affine_act(pointwise_affine_act(x, *expand, act), ...)`
+  with `expand` = (w [Cin, C], scale, shift) and one `act` for both.
+
+  Where the CPU kernels run both, one kernel computes the expanded rows as
+  the depthwise loop needs them (`native_depthwise.
+  expand_depthwise_affine_act`): the block's largest tensor is never
+  written. Elsewhere the two layers' own forms.
+  """
+  w, e_scale, e_shift = expand
+  kh = kernel.shape[0]
+  if impl == 'auto':
+    impl = _default_depthwise_impl(x.dtype, kh, stride)
+  if (
+    impl == 'native'
+    and native_depthwise.supports_epilogue(x.dtype, kh, stride, act)
+    and native_pointwise.supports(
+      x.dtype,
+      *w.shape,
+      act,
+      any_width=True,
+      max_in=native_pointwise.MAX_IN_AFFINE,
+    )
+  ):
+    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
+    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    return native_depthwise.expand_depthwise_affine_act(
+      x,
+      w.astype(jnp.float32),
+      e_scale,
+      e_shift,
+      kernel[:, :, :, 0].astype(x.dtype),
+      scale,
+      shift,
+      stride,
+      (pt, pl),
+      out_hw,
+      act,
+      pooled,
+    )
+  y = pointwise_affine_act(x, w.astype(x.dtype), e_scale, e_shift, act, impl)
+  return depthwise_conv_affine_act(
+    y, kernel, stride, scale, shift, act, impl, pooled
+  )
+
+
 def _tap(src, r, c, size, stride):
   """src[:, r + s*o, c + s*o', :] for o < size (a strided window).
 
@@ -533,15 +590,26 @@ class DepthwiseConv(nn.Module):
     epilogue: tuple[Array, Array, Callable[[Array], Array] | None]
     | None = None,
     pooled: bool = False,
+    expand: tuple[Array, Array, Array] | None = None,
   ) -> Array | tuple[Array, Array]:
     """`epilogue` = (scale, shift, act): act(y * scale + shift) per channel
     (`depthwise_conv_affine_act`); with it, `pooled` also returns the
-    output's mean over H, W `[B, C]` (f32)."""
+    output's mean over H, W `[B, C]` (f32). `expand` = (w [Cin, C], scale,
+    shift), with the epilogue: x is the block's input, and the expand
+    layer (1x1 conv, inference BN, the epilogue's act) runs first, fused
+    where a kernel does both (`expand_depthwise_affine_act`)."""
     k = self.kernel_size
+    c = x.shape[-1] if expand is None else expand[0].shape[-1]
     kernel = self.param(
-      'depthwise_kernel', self.kernel_init, (k, k, x.shape[-1], 1), jnp.float32
+      'depthwise_kernel', self.kernel_init, (k, k, c, 1), jnp.float32
     )
     x = x.astype(self.dtype)
+    if expand is not None:
+      if epilogue is None:
+        raise ValueError('DepthwiseConv: expand needs the epilogue')
+      return expand_depthwise_affine_act(
+        x, expand, kernel, self.stride, *epilogue, self.impl, pooled
+      )
     if epilogue is not None:
       return depthwise_conv_affine_act(
         x, kernel, self.stride, *epilogue, impl=self.impl, pooled=pooled
@@ -631,6 +699,7 @@ class Conv(nn.Module):
     gate: Array | None = None,
     epilogue: tuple[Array, Array, Callable | None] | None = None,
     bn: BatchNorm | None = None,
+    kernel_only: bool = False,
   ) -> Array:
     """`gate` ([B, C], 1x1 stride-1 only) multiplies x's channels first.
 
@@ -643,6 +712,9 @@ class Conv(nn.Module):
     training, where the conv is a 1x1 that `native_pointwise` has a kernel
     for, the BN (statistics, normalisation, activation and their gradient)
     is computed with the matrix product (`pointwise_bn_act_train`).
+
+    `kernel_only`: returns the f32 kernel and computes nothing (for a
+    kernel that runs this layer with the next, `DepthwiseConv(expand=)`).
     """
     k = self.kernel_size
     kernel = self.param(
@@ -651,6 +723,8 @@ class Conv(nn.Module):
       (k, k, x.shape[-1], self.features),
       jnp.float32,
     )
+    if kernel_only:
+      return kernel
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     if bn is not None:
