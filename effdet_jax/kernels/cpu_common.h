@@ -208,7 +208,39 @@ inline V LogOneToTwo(V x) {
 // Activation codes shared by the kernels and their Python wrappers.
 enum Act : int64_t { kNone = 0, kSwish = 1, kRelu = 2, kRelu6 = 3 };
 
+#if defined(__AVX512F__)
+// ExpV for 16 lanes with AVX-512's own clamps (min/max: one instruction,
+// where a compare-and-select is two) and 2^n by `vscalefps` (for the
+// integer convert, add and shift): the same bits, ~4 of ~22 instructions
+// of a swish fewer, and the activations' passes are bound by arithmetic.
+inline V16 Exp(V16 x) {
+  __m512 v;
+  __builtin_memcpy(&v, &x, sizeof(v));
+  // The constant first: min/max return their second operand for a NaN.
+  v = _mm512_min_ps(_mm512_set1_ps(88.f), v);
+  v = _mm512_max_ps(_mm512_set1_ps(-87.f), v);
+  __builtin_memcpy(&x, &v, sizeof(v));
+  const V16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  V16 r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  V16 p = Splat<V16>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  __m512 pm, nm;
+  __builtin_memcpy(&pm, &p, sizeof(pm));
+  __builtin_memcpy(&nm, &n, sizeof(nm));
+  const __m512 e = _mm512_scalef_ps(pm, nm);
+  V16 out;
+  __builtin_memcpy(&out, &e, sizeof(out));
+  return out;
+}
+#else
 inline V16 Exp(V16 x) { return ExpV<V16, I16>(x); }
+#endif
 inline V8 Exp(V8 x) { return ExpV<V8, I8>(x); }
 inline float Exp(float x) { return std::exp(x); }
 
