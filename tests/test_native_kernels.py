@@ -283,6 +283,32 @@ def test_focal_loss_flat_streaming_path_matches_jnp():
   np.testing.assert_allclose(got[1], want[1], rtol=2e-5, atol=1e-7)
 
 
+def test_kernel_swish_at_the_exp_clamps_and_nan():
+  """The kernels' 16-lane exp clamps its argument to [-87, 88] (min/max)
+  and scales by 2^n (vscalefps): swish through the inference 1x1 kernel
+  (identity weights) equals jnp's from -1000 to 1000, across both clamps,
+  in the 16-lane blocks and the 8-lane tail alike; a NaN stays NaN (x's
+  row is NaN after the product, as in jnp's)."""
+  z = np.concatenate(
+    [np.linspace(-1000, 1000, 41), [-88.5, -87.5, -87, 87.5, 88, 88.5, 90]]
+  ).astype(np.float32)
+  x = jnp.asarray(np.resize(z, (len(z), 24)))  # 16 + 8 lanes per row
+  x = x.at[3, 5].set(jnp.nan).at[4, 20].set(jnp.nan)
+  eye = jnp.eye(24)
+  ones, zeros = jnp.ones(24), jnp.zeros(24)
+  with cpu_library.forced(True):
+    got = np.asarray(
+      jax.jit(native_pointwise.pointwise_affine_act, static_argnums=4)(
+        x, eye, ones, zeros, jax.nn.silu
+      )
+    )
+  want = np.asarray(jax.nn.silu(x @ eye))
+  assert np.isnan(got[3]).all() and np.isnan(got[4]).all()
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  ok = ~np.isnan(want)
+  np.testing.assert_allclose(got[ok], want[ok], rtol=2e-6, atol=1e-30)
+
+
 def test_focal_loss_is_deterministic_and_propagates_nan():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 9 * 90)) * 3
   ids = jax.random.randint(jax.random.key(1), (4, 8 * 8 * 9), -1, 90)
