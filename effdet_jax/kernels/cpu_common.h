@@ -160,12 +160,10 @@ inline void StreamFence() {
 #endif
 }
 
-// exp for vectors (Cephes expf: range reduction by ln 2, degree-5
-// polynomial, 2^n from the exponent bits; ~1 ulp). NaN stays NaN.
-template <typename V, typename I>
-inline V ExpV(V x) {
-  x = x > 88.f ? Splat<V>(88.f) : x;
-  x = x < -87.f ? Splat<V>(-87.f) : x;
+// exp's core for vectors, x already clamped to [-87, 88] (Cephes expf:
+// range reduction by ln 2, degree-5 polynomial): exp(x) = p * 2^n.
+template <typename V>
+inline V ExpReduced(V x, V* n_out) {
   const V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   V r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -175,7 +173,18 @@ inline V ExpV(V x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  *n_out = n;
+  return p * r * r + r + 1.f;
+}
+
+// exp for vectors (ExpReduced, 2^n from the exponent bits; ~1 ulp). NaN
+// stays NaN.
+template <typename V, typename I>
+inline V ExpV(V x) {
+  x = x > 88.f ? Splat<V>(88.f) : x;
+  x = x < -87.f ? Splat<V>(-87.f) : x;
+  V n;
+  const V p = ExpReduced(x, &n);
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   V scale;
   __builtin_memcpy(&scale, &bits, sizeof(V));
@@ -220,16 +229,8 @@ inline V16 Exp(V16 x) {
   v = _mm512_min_ps(_mm512_set1_ps(88.f), v);
   v = _mm512_max_ps(_mm512_set1_ps(-87.f), v);
   __builtin_memcpy(&x, &v, sizeof(v));
-  const V16 n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  V16 r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  V16 p = Splat<V16>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
+  V16 n;
+  const V16 p = ExpReduced(x, &n);
   __m512 pm, nm;
   __builtin_memcpy(&pm, &p, sizeof(pm));
   __builtin_memcpy(&nm, &n, sizeof(nm));

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.kernels import cpu_library, native_pointwise
 
 _TARGETS = {
   'forward': 'EffdetDepthwiseForward',
@@ -181,17 +181,6 @@ def _epi_bwd(stride, pads, out_hw, act, res, dy):
 depthwise_affine_act.defvjp(_epi_fwd, _epi_bwd)
 
 
-def _padded_expand(w, scale, shift):
-  """The expand layer's (w, scale, shift), columns zero-padded to a
-  multiple of 16 (the kernel computes whole 16-channel blocks)."""
-  pad = -w.shape[1] % 16
-  return (
-    jnp.pad(w.astype(jnp.float32), ((0, 0), (0, pad))),
-    jnp.pad(scale.astype(jnp.float32), (0, pad)),
-    jnp.pad(shift.astype(jnp.float32), (0, pad)),
-  )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def expand_depthwise_affine_act(
   x,
@@ -222,7 +211,7 @@ def expand_depthwise_affine_act(
     else 'EffdetExpandDepthwiseAffineAct',
     results if pooled else y,
     x,
-    *_padded_expand(w, e_scale, e_shift),
+    *native_pointwise._padded_epilogue(w, e_scale, e_shift),
     kernel,
     scale.astype(jnp.float32),
     shift.astype(jnp.float32),
@@ -247,8 +236,7 @@ def _unfused_expand(
   act,
   pooled,
 ):
-  z = jnp.einsum('...c,cd->...d', x, w) * e_scale + e_shift
-  z = z if act is None else act(z)
+  z = native_pointwise._unfused(x, w, e_scale, e_shift, act)
   args = (z, kernel, scale, shift, stride, pads, out_hw, act)
   return _unfused_pooled(*args) if pooled else _unfused(*args)
 

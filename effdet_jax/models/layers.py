@@ -161,10 +161,9 @@ def depthwise_conv(
         f'native depthwise kernel cannot run {x.dtype} k={kh} s={stride} '
         f'on {jax.default_backend()}'
       )
-    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
-    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    pads, out_hw = _native_window(x.shape, kernel.shape, stride)
     return native_depthwise.depthwise(
-      x, kernel[:, :, :, 0], stride, (pt, pl), out_hw
+      x, kernel[:, :, :, 0], stride, pads, out_hw
     )
   if impl == 'lax':
     return lax.conv_general_dilated(
@@ -222,8 +221,7 @@ def depthwise_conv_affine_act(
   if impl == 'native' and native_depthwise.supports_epilogue(
     x.dtype, kh, stride, act
   ):
-    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
-    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    pads, out_hw = _native_window(x.shape, kernel.shape, stride)
     fn = (
       native_depthwise.depthwise_affine_act_pooled
       if pooled
@@ -235,7 +233,7 @@ def depthwise_conv_affine_act(
       scale,
       shift,
       stride,
-      (pt, pl),
+      pads,
       out_hw,
       act,
     )
@@ -281,8 +279,7 @@ def expand_depthwise_affine_act(
       max_in=native_pointwise.MAX_IN_AFFINE,
     )
   ):
-    (pt, _), (pl, _) = _pads(x.shape, kernel.shape, stride)
-    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    pads, out_hw = _native_window(x.shape, kernel.shape, stride)
     return native_depthwise.expand_depthwise_affine_act(
       x,
       w.astype(jnp.float32),
@@ -292,7 +289,7 @@ def expand_depthwise_affine_act(
       scale,
       shift,
       stride,
-      (pt, pl),
+      pads,
       out_hw,
       act,
       pooled,
@@ -349,6 +346,14 @@ def _pads(x_shape, kernel_shape, stride):
   h, w = x_shape[1:3]
   kh, kw = kernel_shape[:2]
   return same_padding(h, kh, stride), same_padding(w, kw, stride)
+
+
+def _native_window(x_shape, kernel_shape, stride):
+  """((top, left) padding, (H', W')) of a TF-SAME window, as the CPU
+  depthwise kernels take them (the bottom/right follow from the size)."""
+  (pt, _), (pl, _) = _pads(x_shape, kernel_shape, stride)
+  out_hw = (-(-x_shape[1] // stride), -(-x_shape[2] // stride))
+  return (pt, pl), out_hw
 
 
 def _pad_for_taps(x, kernel_shape, stride, value=0):
