@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,9 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The `model` config section of a named model, with overrides applied.
 
   Holds the official hyper-parameters (registry) plus our knobs: head and
-  backbone drop-connect, compute dtype and the depthwise implementation.
+  backbone drop-connect and the compute dtype. `depthwise_impl` is
+  deprecated: accepted and ignored (the backend switch, `effdet_jax.ops`,
+  chooses how layers are computed).
   Raises ValueError for an unknown model name or an unknown field.
   """
   cfg = ml_collections.ConfigDict(registry.get_model_params(name))
@@ -39,7 +42,7 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   # Backbone drop-connect base survival; None = official (0 for b0, else 0.8).
   cfg.backbone_survival_prob = config_dict.placeholder(float)
   cfg.dtype = 'float32'  # compute dtype: float32 | bfloat16
-  cfg.depthwise_impl = 'auto'  # auto | shift | lax
+  cfg.depthwise_impl = 'auto'  # deprecated, ignored: see effdet_jax.ops
   for key, value in overrides.items():
     if key not in cfg:
       raise ValueError(
@@ -62,6 +65,18 @@ class ModelAndVariables(tuple):
     return pair
 
 
+def _warn_deprecated(cfg: Mapping[str, Any]) -> None:
+  impl = cfg.get('depthwise_impl', 'auto')
+  if impl not in (None, 'auto'):
+    warnings.warn(
+      f'model.depthwise_impl={impl!r} is deprecated and ignored: the backend'
+      ' switch chooses how layers are computed (--backend=xla|cpu, '
+      '$EFFDET_JAX_BACKEND or effdet_jax.ops.set_backend)',
+      DeprecationWarning,
+      stacklevel=3,
+    )
+
+
 def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
   """EfficientDet from a `model` config section (ConfigDict or dict).
 
@@ -69,6 +84,7 @@ def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
   (the run config's `train.remat`); it does not change the function.
   """
   cfg = dict(cfg)
+  _warn_deprecated(cfg)
   dtype = cfg.get('dtype', 'float32')
   if dtype not in _DTYPES:
     raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}')
@@ -92,7 +108,6 @@ def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
     conv_bn_act_pattern=bool(cfg['conv_bn_act_pattern']),
     head_survival_prob=cfg.get('survival_prob'),
     dtype=_DTYPES[dtype],
-    depthwise_impl=cfg.get('depthwise_impl', 'auto'),
     remat=remat,
   )
 
@@ -173,7 +188,7 @@ def load(path: str) -> ModelAndVariables:
   model = build_model(cfg)
   abstract = jax.eval_shape(lambda: init_variables(model))
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    from effdet_jax.train import checkpoint  # noqa: PLC0415
+    from effdet_jax.runtime import checkpoint  # noqa: PLC0415
 
     variables = checkpoint.restore_variables(path, abstract)
     return ModelAndVariables(model, variables, cfg)

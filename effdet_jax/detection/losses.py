@@ -1,4 +1,5 @@
-"""Detection losses with the official semantics (fact sheet §6).
+"""Detection losses with the official semantics (official
+`det_model_fn.py: focal_loss, _box_loss, detection_loss`).
 
 * Focal loss per (anchor, class): alpha_t * (1 - p_t)**gamma * CE, where
   alpha_t and p_t use the un-smoothed one-hot labels and label smoothing only
@@ -13,7 +14,7 @@
 * Optional IoU-family loss (iou, giou, diou, ciou) on decoded boxes of the
   positive anchors, / (4 * N) as officially, times `iou_loss_weight`. The
   official TF2 code tiles anchors batch-major against level-major outputs
-  (fact sheet §6.4); we decode every anchor with its own box.
+  (`tf2/train_lib.py`); we decode every anchor with its own box.
 * total = cls + box_loss_weight * box (+ iou_loss_weight * iou).
 """
 
@@ -25,7 +26,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from effdet_jax.detection import box_coder, focal, levels
+from effdet_jax import ops
+from effdet_jax.detection import box_coder, levels
 from effdet_jax.detection.targets import Targets
 
 Array = jax.Array
@@ -50,6 +52,34 @@ def focal_loss(
     jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
   )
   return alpha_t * modulator * ce
+
+
+@ops.backend_form('focal_loss_sum')
+def focal_loss_sum(
+  logits: Array,
+  cls_ids: Array,
+  num_classes: int,
+  alpha: float,
+  gamma: float,
+  scale: Array | float = 1.0,
+) -> Array:
+  """Sum of the focal loss of one level, times `scale`.
+
+  Args:
+    logits: `[B, H, W, A * num_classes]` class outputs of one level.
+    cls_ids: `[B, H * W * A]` int class index (0-based) per anchor, or any
+      value outside `[0, num_classes)` for background (an all-zero one-hot
+      row, as the official `one_hot` of -1).
+    num_classes, alpha, gamma: the loss constants.
+    scale: a float32 scalar (the loss normaliser's inverse).
+
+  Returns:
+    A float32 scalar.
+  """
+  b = logits.shape[0]
+  labels = jax.nn.one_hot(cls_ids, num_classes, dtype=jnp.float32)
+  x = logits.reshape(b, -1, num_classes)
+  return scale * jnp.sum(focal_loss(x, labels, alpha, gamma))
 
 
 def huber(error: Array, delta: float = 0.1) -> Array:
@@ -134,9 +164,9 @@ def detection_loss(
         / normalizer
       )
     else:
-      # Normalised inside: the CPU kernel scales the gradient as it writes
-      # it, and the cotangent left (a constant in training) folds away.
-      cls_loss += focal.focal_loss_sum(
+      # Normalised inside: a backend form may scale the gradient as it
+      # writes it.
+      cls_loss += focal_loss_sum(
         cls_l, ids, num_classes, alpha, gamma, scale=1.0 / normalizer
       )
     box_t = targets.box_targets[:, start : start + n]

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from effdet_jax import ops
 from effdet_jax.detection import box_coder
-from effdet_jax.kernels import native_match
 
 Array = jax.Array
 
@@ -82,12 +82,19 @@ def _best_matches(
   their IoU is 0 and never beats a real box; the caller excludes them from
   force matching.
   """
+  far = jnp.float32(-1e9)
+  boxes = jnp.where(valid[..., None], boxes, far)
+  return best_matches(anchors, boxes, valid, chunk)
+
+
+@ops.backend_form('best_matches')
+def best_matches(
+  anchors: Array, boxes: Array, valid: Array, chunk: int
+) -> tuple[Array, Array, Array]:
+  """`_best_matches` for boxes whose invalid rows are far away already."""
   b, m, _ = boxes.shape
   n = anchors.shape[0]
   far = jnp.float32(-1e9)
-  boxes = jnp.where(valid[..., None], boxes, far)
-  if native_match.supports(boxes.dtype):
-    return native_match.best_matches(anchors, boxes, valid)
   pad = (-m) % chunk
   boxes = jnp.pad(boxes, ((0, 0), (0, pad), (0, 0)), constant_values=far)
   area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])

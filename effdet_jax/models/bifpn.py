@@ -1,6 +1,6 @@
 """BiFPN: extra levels P6..P_max and the repeated bidirectional cells.
 
-Facts relied on (fact sheet §3; official `tf2/efficientdet_keras.py`:
+Facts relied on (official `tf2/efficientdet_keras.py`:
 `ResampleFeatureMap`, `FNode`, `OpAfterCombine`, `FPNCell(s)`):
 * P6 = [1x1 conv (bias) + BN if channels differ] -> 3x3/2 SAME max-pool on
   backbone P5; P7 (P8) = max-pool of the previous level; no activation.
@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from effdet_jax.kernels import native_fusion
+from effdet_jax import ops
 from effdet_jax.models import layers
 
 Array = jax.Array
@@ -68,7 +68,6 @@ class ResampleFeatureMap(nn.Module):
   apply_bn: bool = True
   conv_after_downsample: bool = False
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
 
   def _maybe_1x1(self, x: Array, train: bool) -> Array:
     if x.shape[-1] == self.num_filters:
@@ -80,11 +79,11 @@ class ResampleFeatureMap(nn.Module):
       kernel_init=layers.glorot_uniform,
       dtype=self.dtype,
       name='conv2d',
-      impl=self.depthwise_impl,
     )
+    x = conv(x)
     if self.apply_bn:
-      return conv(x, bn=layers.batch_norm(train, self.dtype, 'bn'))
-    return conv(x)
+      x = layers.batch_norm(train, self.dtype, 'bn')(x)
+    return x
 
   @nn.compact
   def __call__(
@@ -97,7 +96,7 @@ class ResampleFeatureMap(nn.Module):
         x = self._maybe_1x1(x, train)
       sh, sw = (h - 1) // th + 1, (w - 1) // tw + 1
       if sh == sw:
-        x = layers.max_pool_same(x, sh + 1, sh, self.depthwise_impl)
+        x = layers.max_pool2d(x, sh + 1, sh)
       else:
         x = nn.max_pool(x, (sh + 1, sw + 1), strides=(sh, sw), padding='SAME')
       if self.conv_after_downsample:
@@ -122,19 +121,16 @@ class OpAfterCombine(nn.Module):
   separable: bool = True
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
-  activated: bool = False  # the act already applied (with the fusion)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    if not self.conv_bn_act_pattern and not self.activated:
+    if not self.conv_bn_act_pattern:
       x = self.act(x)
     if self.separable:
       conv = layers.SeparableConv(
         self.num_filters,
         use_bias=not self.conv_bn_act_pattern,
         dtype=self.dtype,
-        impl=self.depthwise_impl,
         name='conv',
       )
     else:
@@ -145,10 +141,9 @@ class OpAfterCombine(nn.Module):
         kernel_init=layers.glorot_uniform,
         dtype=self.dtype,
         name='conv',
-        impl=self.depthwise_impl,
       )
     act = self.act if self.conv_bn_act_pattern else None
-    return conv(x, bn=layers.batch_norm(train, self.dtype, 'bn', act))
+    return layers.batch_norm(train, self.dtype, 'bn', act)(conv(x))
 
 
 def _add_n(xs: Sequence[Array]) -> Array:
@@ -172,55 +167,33 @@ class FNode(nn.Module):
   conv_after_downsample: bool = False
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
 
   @nn.compact
+  @ops.backend_form('fnode')
   def __call__(
     self, feats: list[Array], target_hw: tuple[int, int], train: bool
   ) -> Array:
-    nodes = []
-    for pos, fid in enumerate(self.input_ids):
-      nodes.append(
-        ResampleFeatureMap(
-          self.num_filters,
-          self.apply_bn_for_resampling,
-          self.conv_after_downsample,
-          self.dtype,
-          self.depthwise_impl,
-          name=f'resample_{pos}_{fid}_{self.node_id}',
-        )(feats[fid], target_hw, train)
-      )
-    fused = self._fuse_act_native(nodes) if train else None
+    nodes = [
+      ResampleFeatureMap(
+        self.num_filters,
+        self.apply_bn_for_resampling,
+        self.conv_after_downsample,
+        self.dtype,
+        name=f'resample_{pos}_{fid}_{self.node_id}',
+      )(feats[fid], target_hw, train)
+      for pos, fid in enumerate(self.input_ids)
+    ]
     return OpAfterCombine(
       self.num_filters,
       self.act,
       self.separable,
       self.conv_bn_act_pattern,
       self.dtype,
-      self.depthwise_impl,
-      activated=fused is not None,
       name=f'op_after_combine{self.node_id}',
-    )(self._fuse(nodes) if fused is None else fused, train)
+    )(self.fuse(nodes), train)
 
-  def _fuse_act_native(self, nodes: list[Array]) -> Array | None:
-    """The fast-attention fusion and the op-after-combine's activation in
-    one CPU kernel (`native_fusion`), where it applies; else None. Training
-    only: there it saves the passes of the backward and of the residuals
-    (D0 b8 train step, in-process A/B: median 1274 -> 1254 ms); the
-    inference forward is one XLA fusion already (forward b8: 333 vs 338
-    ms with the kernel)."""
-    method = self.weight_method
-    if (
-      method not in ('fastattn', 'channel_fastattn')
-      or self.conv_bn_act_pattern
-      or self.depthwise_impl not in ('auto', 'native')
-      or not native_fusion.supports(nodes[0].dtype, len(nodes), self.act)
-    ):
-      return None
-    weights = jnp.stack(self._weights(len(nodes)))
-    return native_fusion.fast_fusion_act(tuple(nodes), weights, self.act)
-
-  def _weights(self, n: int) -> list[Array]:
+  def fusion_weights(self, n: int) -> list[Array]:
+    """The fusion weights of `n` inputs (`WSM`, `WSM_1`, ...), f32."""
     shape = (
       (self.num_filters,) if self.weight_method.startswith('channel_') else ()
     )
@@ -230,11 +203,15 @@ class FNode(nn.Module):
       for name in names
     ]
 
-  def _fuse(self, nodes: list[Array]) -> Array:
+  def fuse(self, nodes: list[Array]) -> Array:
+    """The weighted sum of the resampled inputs (official
+    `FNode.fuse_features`)."""
     method = self.weight_method
     if method == 'sum':
       return _add_n(nodes)
-    weights = [w.astype(nodes[0].dtype) for w in self._weights(len(nodes))]
+    weights = [
+      w.astype(nodes[0].dtype) for w in self.fusion_weights(len(nodes))
+    ]
     if method in ('attn', 'channel_attn'):
       norm = jax.nn.softmax(jnp.stack(weights), axis=0)
       return _add_n([x * norm[i] for i, x in enumerate(nodes)])
@@ -260,7 +237,6 @@ class FPNCell(nn.Module):
   conv_after_downsample: bool = False
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, feats: list[Array], train: bool) -> list[Array]:
@@ -283,7 +259,6 @@ class FPNCell(nn.Module):
           conv_after_downsample=self.conv_after_downsample,
           conv_bn_act_pattern=self.conv_bn_act_pattern,
           dtype=self.dtype,
-          depthwise_impl=self.depthwise_impl,
           name=f'fnode{j}',
         )(feats, tuple(sizes[lvl - self.min_level]), train)
       )
@@ -308,7 +283,6 @@ class FPNCells(nn.Module):
   conv_after_downsample: bool = False
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
   remat: bool = False
 
   @nn.compact
@@ -336,7 +310,6 @@ class FPNCells(nn.Module):
         conv_after_downsample=self.conv_after_downsample,
         conv_bn_act_pattern=self.conv_bn_act_pattern,
         dtype=self.dtype,
-        depthwise_impl=self.depthwise_impl,
         name=f'cell_{r}',
       )(feats, train)
     return feats

@@ -1,6 +1,6 @@
 """EfficientDet = EfficientNet backbone + extra levels + BiFPN + heads.
 
-Variable tree (official scopes, fact sheet §11.1; `backbone` stands for
+Variable tree (official scopes; `backbone` stands for
 `efficientnet-bN`):
 
     backbone/stem/..., backbone/blocks_{k}/...
@@ -50,7 +50,6 @@ class EfficientDet(nn.Module):
   conv_bn_act_pattern: bool = False
   head_survival_prob: float | None = None
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
   remat: bool = False  # recompute backbone blocks and BiFPN cells in backprop
 
   def check_input(self, shape: tuple[int, ...]) -> None:
@@ -78,7 +77,6 @@ class EfficientDet(nn.Module):
       self.backbone,
       self.act_type,
       self.dtype,
-      self.depthwise_impl,
       self.remat,
       name='backbone',
     )(images, train)
@@ -93,7 +91,6 @@ class EfficientDet(nn.Module):
           self.apply_bn_for_resampling,
           self.conv_after_downsample,
           self.dtype,
-          self.depthwise_impl,
           name=f'resample_p{lvl}',
         )(prev, target, train)
       )
@@ -109,7 +106,6 @@ class EfficientDet(nn.Module):
       conv_after_downsample=self.conv_after_downsample,
       conv_bn_act_pattern=self.conv_bn_act_pattern,
       dtype=self.dtype,
-      depthwise_impl=self.depthwise_impl,
       remat=self.remat,
       name='fpn_cells',
     )(feats, train)
@@ -124,7 +120,6 @@ class EfficientDet(nn.Module):
       survival_prob=self.head_survival_prob,
       bias_init_value=bias,
       dtype=self.dtype,
-      depthwise_impl=self.depthwise_impl,
       name=f'{prefix}_net',
     )
     class_outputs = head(

@@ -1,6 +1,6 @@
 """EfficientNet B0-B7 and EfficientNet-lite0..4 as the detector's backbone.
 
-Facts relied on (fact sheet §2; official `backbone/efficientnet_builder.py`,
+Facts relied on (official `backbone/efficientnet_builder.py`,
 `efficientnet_lite_builder.py`, `efficientnet_model.py`):
 * the B0 block table, width/depth coefficients and filter/repeat rounding;
 * MBConv = [expand 1x1 -> BN -> act] -> depthwise -> BN -> act -> SE (reduce
@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effdet_jax import ops
 from effdet_jax.models import layers
 
 Array = jax.Array
@@ -148,88 +149,48 @@ def backbone_spec(
 
 
 class MBConvBlock(nn.Module):
-  """Mobile inverted bottleneck with optional squeeze-excitation."""
+  """Mobile inverted bottleneck with optional squeeze-excitation
+  (official `efficientnet_model.py: MBConvBlock`)."""
 
   args: BlockArgs
   act: Any
   survival_prob: float
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
 
   @nn.compact
+  @ops.backend_form('mbconv_block')
   def __call__(self, inputs: Array, train: bool) -> Array:
     a = self.args
+    # Official scope names, numbered in order of creation.
     bn_names = iter(
       ['tpu_batch_normalization']
       + [f'tpu_batch_normalization_{i}' for i in (1, 2)]
     )
     conv_names = iter(['conv2d', 'conv2d_1'])
-    conv = lambda f, name: layers.conv(
-      f,
+    conv = lambda features: layers.conv(
+      features,
       1,
       use_bias=False,
       kernel_init=layers.backbone_conv_init,
       dtype=self.dtype,
-      name=name,
-      impl=self.depthwise_impl,  # the CPU kernels follow one setting
+      name=next(conv_names),
     )
     bn = lambda act=None: layers.batch_norm(
       train, self.dtype, next(bn_names), act
     )
 
     x = inputs
-    fused_expand = None
     if a.expand_ratio != 1:
-      expanded = inputs.shape[-1] * a.expand_ratio
-      expand = conv(expanded, next(conv_names))
-      bn0 = bn(self.act)
-      if train:
-        # Statistics and normalisation with the matrix product where a
-        # kernel does both (`layers.Conv(bn=)`).
-        x = expand(x, bn=bn0)
-      else:
-        # Inference BN is per-channel affine: the expand layer goes to the
-        # depthwise layer, which runs both with their BN and activation
-        # (`layers.DepthwiseConv(expand=)`). BN reads only the feature count
-        # from its argument here.
-        affine = bn0(jnp.zeros((0, expanded), x.dtype), affine_only=True)
-        fused_expand = (expand(x, kernel_only=True)[0, 0], *affine)
-    depthwise = layers.DepthwiseConv(
-      a.kernel_size,
-      a.stride,
-      dtype=self.dtype,
-      impl=self.depthwise_impl,
-      name='depthwise_conv2d',
-    )
-    bn_dw = bn(self.act)
-    has_se = a.se_ratio is not None and 0 < a.se_ratio <= 1
-    squeezed = None
-    if train and has_se:
-      # SE's squeeze summed as BN writes its output (`BatchNorm(pooled=)`).
-      x, squeezed = bn_dw(depthwise(x), pooled=True)
-    elif train:
-      x = bn_dw(depthwise(x))
-    else:
-      # Inference BN is per-channel affine: the depthwise layer applies it
-      # (and the activation) as it writes its output, and sums SE's squeeze.
-      width = x.shape[-1] if fused_expand is None else expanded
-      epilogue = (
-        *bn_dw(jnp.zeros((0, width), x.dtype), affine_only=True),
-        self.act,
-      )
-      out = depthwise(x, epilogue=epilogue, pooled=has_se, expand=fused_expand)
-      x, squeezed = out if has_se else (out, None)
-    gate = None
-    if has_se:
-      # The gate goes into the projection's kernel (`layers.pointwise_gated`).
-      gate = SqueezeExcite(
-        max(1, int(a.input_filters * a.se_ratio)),
-        self.act,
-        self.dtype,
-        output='gate',
-        name='se',
-      )(x, squeezed)
-    x = conv(a.output_filters, next(conv_names))(x, gate)
+      x = conv(inputs.shape[-1] * a.expand_ratio)(x)
+      x = bn(self.act)(x)
+    x = layers.DepthwiseConv(
+      a.kernel_size, a.stride, dtype=self.dtype, name='depthwise_conv2d'
+    )(x)
+    x = bn(self.act)(x)
+    if a.se_ratio is not None and 0 < a.se_ratio <= 1:
+      reduced = max(1, int(a.input_filters * a.se_ratio))
+      x = SqueezeExcite(reduced, self.act, self.dtype, name='se')(x)
+    x = conv(a.output_filters)(x)
     x = bn()(x)
     if a.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
       rng = (
@@ -242,29 +203,19 @@ class MBConvBlock(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-  """SE: mean over H, W -> 1x1 (bias) -> act -> 1x1 (bias) -> sigmoid gate.
-
-  Attributes:
-    output: 'gated' returns gate * x; 'gate' returns the gate `[B, C]` for
-      the next 1x1 conv to fold into its kernel (`Conv(x, gate)`).
-  """
+  """SE: mean over H, W -> 1x1 (bias) -> act -> 1x1 (bias) -> sigmoid gate,
+  times the input."""
 
   reduced: int
   act: Any
   dtype: Any = jnp.float32
-  output: str = 'gated'
 
   @nn.compact
-  def __call__(self, x: Array, squeezed: Array | None = None) -> Array:
-    """`squeezed`: x's mean over H, W `[B, C]` (f32) if the caller has it
-    (`BatchNorm(pooled=)`), else taken here."""
+  def __call__(self, x: Array) -> Array:
     # The squeeze is a mean over many pixels: take it in f32.
-    if squeezed is None:
-      s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    else:
-      s = squeezed[:, None, None, :]
-    mk = lambda f, name: layers.conv(
-      f,
+    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    mk = lambda features, name: layers.conv(
+      features,
       1,
       use_bias=True,
       kernel_init=layers.backbone_conv_init,
@@ -273,12 +224,6 @@ class SqueezeExcite(nn.Module):
     )
     s = mk(self.reduced, 'conv2d')(s.astype(self.dtype))
     s = mk(x.shape[-1], 'conv2d_1')(self.act(s))
-    if self.output == 'gate':
-      return jax.nn.sigmoid(s)[:, 0, 0, :]
-    if self.output != 'gated':
-      raise ValueError(
-        f"SqueezeExcite.output: 'gated' or 'gate', not {self.output!r}"
-      )
     return jax.nn.sigmoid(s) * x
 
 
@@ -292,7 +237,6 @@ class EfficientNet(nn.Module):
   spec: BackboneSpec
   act_type: str = 'swish'
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
   remat: bool = False
 
   @nn.compact
@@ -300,9 +244,7 @@ class EfficientNet(nn.Module):
     act = layers.activation(self.act_type)
     spec = self.spec
     x = x.astype(self.dtype)
-    x = _Stem(
-      spec.stem_filters, act, self.dtype, self.depthwise_impl, name='stem'
-    )(x, train)
+    x = Stem(spec.stem_filters, act, self.dtype, name='stem')(x, train)
     endpoints = []
     n = len(spec.blocks)
     drop_rate = 1.0 - spec.survival_prob
@@ -318,7 +260,6 @@ class EfficientNet(nn.Module):
         act,
         survival,
         self.dtype,
-        self.depthwise_impl,
         name=f'blocks_{idx}',
       )(x, train)
       if idx in spec.endpoints:
@@ -326,15 +267,18 @@ class EfficientNet(nn.Module):
     return endpoints
 
 
-class _Stem(nn.Module):
+class Stem(nn.Module):
+  """3x3 stride-2 conv -> BN -> act (official `efficientnet_model.py:
+  Stem`)."""
+
   filters: int
   act: Any
   dtype: Any = jnp.float32
-  impl: str = 'auto'
 
   @nn.compact
+  @ops.backend_form('stem')
   def __call__(self, x: Array, train: bool) -> Array:
-    conv = layers.conv(
+    x = layers.conv(
       self.filters,
       3,
       2,
@@ -342,17 +286,10 @@ class _Stem(nn.Module):
       kernel_init=layers.backbone_conv_init,
       dtype=self.dtype,
       name='conv2d',
-      impl=self.impl,
-    )
-    bn = layers.batch_norm(
+    )(x)
+    return layers.batch_norm(
       train, self.dtype, 'tpu_batch_normalization', self.act
-    )
-    if train:
-      return conv(x, bn=bn)
-    # Inference: the conv applies the BN's affine and the activation (one
-    # pass where it is an im2col product with a kernel, as in MBConvBlock).
-    affine = bn(jnp.zeros((0, self.filters), x.dtype), affine_only=True)
-    return conv(x, epilogue=(*affine, self.act))
+    )(x)
 
 
 def endpoint_channels(spec: BackboneSpec) -> Sequence[int]:

@@ -1,10 +1,11 @@
-"""Class and box nets (fact sheet §4; official `ClassNet` / `BoxNet`).
+"""Class and box nets (official `tf2/efficientdet_keras.py: ClassNet`,
+`BoxNet`).
 
 Per level, `repeats` x [separable 3x3 (bias) -> BN -> act] then a predict
 separable 3x3. Conv weights are shared across levels; every (repeat, level)
 pair has its **own** BatchNorm named `{prefix}-{i}-bn-{level}` with the real
 level number. Initialisers: truncated variance-scaling fan_in for depthwise
-and pointwise kernels; the class-predict bias is -log((1 - 0.01) / 0.01).
+and pointwise weights; the class-predict bias is -log((1 - 0.01) / 0.01).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from effdet_jax import ops
 from effdet_jax.models import layers
 
 Array = jax.Array
@@ -37,9 +39,9 @@ class HeadNet(nn.Module):
   survival_prob: float | None = None
   bias_init_value: float = 0.0
   dtype: Any = jnp.float32
-  depthwise_impl: str = 'auto'
 
   @nn.compact
+  @ops.backend_form('head_net')
   def __call__(
     self, feats: Sequence[Array], train: bool = False
   ) -> list[Array]:
@@ -61,7 +63,7 @@ class HeadNet(nn.Module):
         bn = layers.batch_norm(
           train, self.dtype, f'{self.prefix}-{i}-bn-{level}', act
         )
-        x = convs[i](x, bn=bn) if self.separable else bn(convs[i](x))
+        x = bn(convs[i](x))
         if i > 0 and self.survival_prob:
           rng = self.make_rng('dropout') if train else None
           x = layers.drop_connect(x, self.survival_prob, rng) + skip
@@ -76,7 +78,6 @@ class HeadNet(nn.Module):
         pointwise_init=layers.head_init,
         bias_init=bias_init,
         dtype=self.dtype,
-        impl=self.depthwise_impl,
         name=name,
       )
     return nn.Conv(

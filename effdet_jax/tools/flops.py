@@ -10,9 +10,9 @@ Sigmoid, Relu/Relu6, Pad and resizes count zero.
 
 We walk the jaxpr of the inference forward pass (traced with abstract shapes,
 nothing is compiled) and apply the same rules per primitive; equations inside
-BatchNorm modules, and an inference BN folded into the op before it (the
-epilogues' `layers.BN_AFFINE_SCOPE`), count zero (the official inference
-graph uses the fused BN op). `tf.nn.swish(x)` is `x * sigmoid(beta * x)`:
+BatchNorm modules count zero (the official inference graph uses the fused
+BN op). The walk traces the plain forms (the 'xla' backend of
+`effdet_jax.ops`): a backend's custom calls would hide their arithmetic. `tf.nn.swish(x)` is `x * sigmoid(beta * x)`:
 two Mul ops, so a swish counts 2 per element where our `x * sigmoid(x)` has
 one multiply.
 """
@@ -25,8 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
-from effdet_jax.models import layers
+from effdet_jax import ops
 
 _ELEMENTWISE = {'add', 'sub', 'mul', 'div', 'add_any'}
 _FREE = {'max', 'min', 'logistic', 'rsqrt', 'exp', 'tanh', 'clamp'}
@@ -80,9 +79,9 @@ def count_flops(
     swish_muls: multiplies per element the reference counts for a swish.
   """
   skip = set(skip_scopes)
-  # A module called from inside another's call (a BatchNorm passed to
-  # `layers.Conv(bn=)`) runs under the caller's name stack, `P/conv/bn`
-  # for the module `P/bn`: a scope matches that way too.
+  # A module called from inside another's call runs under the caller's
+  # name stack, `P/conv/bn` for the module `P/bn`: a scope matches that
+  # way too.
   by_name: dict[str, list[str]] = {}
   for scope in skip:
     prefix, _, name = scope.rpartition('/')
@@ -91,15 +90,12 @@ def count_flops(
   def _in_skipped_scope(stack: str) -> bool:
     if stack in skip:
       return True
-    if layers.BN_AFFINE_SCOPE in stack.split('/'):
-      return True  # an inference BN folded into its producer's epilogue
     name = stack.rpartition('/')[2]
     return any(stack.startswith(p) for p in by_name.get(name, ()))
 
-  # Traced with the jnp forms: the CPU kernels' custom calls (depthwise,
-  # the fused 1x1 conv + BN) hide their arithmetic from this walk. (This
-  # clears JAX's caches: see `cpu_library.forced`.)
-  with cpu_library.forced(False):
+  # Traced with the plain forms (this clears JAX's caches: see
+  # `ops.use_backend`).
+  with ops.use_backend('xla'):
     jaxpr = jax.make_jaxpr(fn)(*args)
   total = 0
 

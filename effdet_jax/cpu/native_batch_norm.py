@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.cpu import library as cpu_library
 
 act_code = cpu_library.act_code  # shared with the depthwise epilogue
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library, native_pointwise
+from effdet_jax.cpu import library as cpu_library
+from effdet_jax.cpu import native_pointwise
 
 _TARGETS = {
   'forward': 'EffdetDepthwiseForward',

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.cpu import library as cpu_library
 
 # Where the kernel beats XLA's dot (tools: benchmarks/kernels.py's weight
 # gradient rows): many rows per output value. Below these the dot is

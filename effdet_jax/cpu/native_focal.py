@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.cpu import library as cpu_library
 
 
 def supports(dtype) -> bool:

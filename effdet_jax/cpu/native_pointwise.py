@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.cpu import library as cpu_library
 
 MAX_IN = 64  # pointwise_cpu.cc kMaxIn
 MAX_IN_AFFINE = 512  # pointwise_cpu.cc kMaxInAffine (`pointwise_affine_act`)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels import cpu_library
+from effdet_jax.cpu import library as cpu_library
 
 EPSILON = 0.0001  # the official fast-attention denominator's epsilon
 MAX_INPUTS = 8  # fusion_cpu.cc kMaxInputs

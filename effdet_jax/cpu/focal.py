@@ -28,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effdet_jax.kernels import native_focal
+from effdet_jax.cpu import native_focal
 
 Array = jax.Array
 

@@ -31,10 +31,18 @@ reads tunables only at process start, hence the re-exec. Set
 `EFFDET_TUNE_MALLOC=0` to opt out of both (asynchronous dispatch comes
 back with it); a `GLIBC_TUNABLES` the user already set is kept and
 extended, never overridden.
+
+Both apply only where effdet_jax's 'cpu' backend computes
+(`cpu_computes`): never on a TPU or GPU host, and not with
+`--backend=xla`. The decision is made before JAX starts a backend, from
+the requested backend and what JAX would pick (`JAX_PLATFORMS`, the
+accelerator plugins installed), without starting one.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -47,6 +55,21 @@ TUNABLES = (
 )
 SINGLE_ARENA = 'glibc.malloc.arena_max=1'
 OPT_OUT = 'EFFDET_TUNE_MALLOC'
+BACKEND_ENV = 'EFFDET_JAX_BACKEND'  # = effdet_jax.ops.ENV_VAR
+# Modules whose presence makes JAX compute on an accelerator by default:
+# TPU (libtpu), CUDA and ROCm PJRT plugins (JAX also finds any plugin under
+# the `jax_plugins` namespace or the 'jax_plugins' entry-point group).
+ACCELERATOR_MODULES = (
+  'libtpu',
+  'jax_cuda12_plugin',
+  'jax_cuda13_plugin',
+  'jax_plugins.xla_cuda12',
+  'jax_plugins.xla_cuda13',
+  'jax_rocm60_plugin',
+  'jax_rocm7_plugin',
+  'jax_plugins.xla_rocm60',
+  'jax_plugins.xla_rocm7',
+)
 
 
 def _wanted(single_arena: bool) -> tuple[str, ...]:
@@ -97,16 +120,74 @@ def applies() -> bool:
   return sys.platform == 'linux' and platform.libc_ver()[0] == 'glibc'
 
 
-def reexec_if_untuned(single_arena: bool = False) -> None:
+def _module_installed(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is not None
+  except (ImportError, ValueError):  # a parent package is missing
+    return False
+
+
+def accelerator_plugin_installed() -> bool:
+  """True when JAX would find a TPU/GPU plugin (a module of
+  ACCELERATOR_MODULES, anything in the `jax_plugins` namespace or the
+  'jax_plugins' entry-point group). Imports nothing."""
+  if any(_module_installed(m) for m in ACCELERATOR_MODULES):
+    return True
+  if _module_installed('jax_plugins'):
+    return True
+  try:
+    return bool(importlib.metadata.entry_points(group='jax_plugins'))
+  except Exception:  # noqa: BLE001 - broken metadata: assume none
+    return False
+
+
+def _jax_platforms() -> str:
+  """The platforms JAX was asked for ('' = its own choice)."""
+  jax = sys.modules.get('jax')  # a program may set it before calling us
+  if jax is not None:
+    try:
+      value = jax.config.jax_platforms
+    except AttributeError:
+      value = None
+    if value:
+      return str(value)
+  return os.environ.get('JAX_PLATFORMS') or os.environ.get(
+    'JAX_PLATFORM_NAME', ''
+  )
+
+
+def cpu_computes(backend: str | None = None) -> bool:
+  """True when effdet_jax's 'cpu' backend will compute in this process:
+  `backend` (None: `$EFFDET_JAX_BACKEND`, default 'auto') is 'cpu', or
+  'auto' and JAX will run on the CPU (`JAX_PLATFORMS` / `jax_platforms`
+  starts with cpu, or none is set and no accelerator plugin is installed).
+  'xla' is always False. Decided without starting a JAX backend."""
+  requested = backend or os.environ.get(BACKEND_ENV) or 'auto'
+  if requested == 'cpu':
+    return True
+  if requested != 'auto':
+    return False
+  platforms = _jax_platforms()
+  if platforms:
+    return platforms.split(',')[0].strip().lower() == 'cpu'
+  return not accelerator_plugin_installed()
+
+
+def reexec_if_untuned(
+  single_arena: bool = False, backend: str | None = None
+) -> None:
   """Re-executes this process (same interpreter and argv) with the tunables
   (and `arena_max=1` when `single_arena`; nothing in effdet_jax asks for it
   any more, see the module docstring).
 
   Call it first thing, before JAX starts a backend; it returns without
-  doing anything when the settings are in place, do not apply, or the
-  original command line is unknown.
+  doing anything when the settings are in place, do not apply, the 'cpu'
+  backend will not compute (`cpu_computes(backend)`), or the original
+  command line is unknown.
   """
   if not applies() or is_tuned(single_arena=single_arena):
+    return
+  if not cpu_computes(backend):
     return
   argv = getattr(sys, 'orig_argv', None)
   if not argv:
@@ -120,13 +201,14 @@ def reexec_if_untuned(single_arena: bool = False) -> None:
   )
 
 
-def dispatch_inline() -> None:
+def dispatch_inline(backend: str | None = None) -> None:
   """Runs one-device CPU computations on the calling thread, so XLA's
   per-step buffers come from the main heap the tunables keep (see the
   module docstring). Call it before JAX starts its CPU backend; a no-op
-  where the tunables do not apply. Multi-device computations keep
-  JAX's asynchronous dispatch (the flag does not cover them)."""
-  if not applies():
+  where the tunables do not apply or the 'cpu' backend will not compute
+  (`cpu_computes(backend)`). Multi-device computations keep JAX's
+  asynchronous dispatch (the flag does not cover them)."""
+  if not applies() or not cpu_computes(backend):
     return
   import jax  # noqa: PLC0415 - callers re-exec before importing JAX
 
