@@ -39,10 +39,10 @@ def _one(name: str, mode: str, batch: int) -> dict:
     t = time.perf_counter()
     fn.lower(abstract, x).compile()
     return {'compile_s': time.perf_counter() - t, 'image': cfg.image_size}
-  from configs import base  # noqa: PLC0415
+  from effdet_jax import config_files  # noqa: PLC0415
   from effdet_jax.tools import benchmark  # noqa: PLC0415
 
-  config = base.get_config(name)
+  config = config_files.load_module('base').get_config(name)
   _, _, compile_s = benchmark._prepare(config, 'train', batch)  # noqa: SLF001
   return {'compile_s': compile_s, 'image': cfg.image_size}
 

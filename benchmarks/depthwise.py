@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax import malloc_tuning
-from effdet_jax.kernels import native_depthwise
+from effdet_jax.cpu import malloc_tuning, native_depthwise
 from effdet_jax.models.layers import depthwise_conv
 
 CASES = [

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from configs import base  # noqa: E402
-from effdet_jax import malloc_tuning  # noqa: E402
+from effdet_jax import config_files  # noqa: E402
+from effdet_jax.cpu import malloc_tuning  # noqa: E402
 from effdet_jax.tools import benchmark as bm  # noqa: E402
 
 DEFAULT = (
@@ -64,7 +64,7 @@ def main() -> None:
   print(f'device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}')
   rows = []
   for i, (mode, batch, dtype) in enumerate(workloads):
-    config = base.get_config(a.model)
+    config = config_files.load_module('base').get_config(a.model)
     config.model.dtype = dtype
     t = time.perf_counter()
     row = bm.run(

@@ -13,7 +13,7 @@ the forward, `torch.compile` (inductor). Each implementation runs in its
 own process, the processes alternating `--rounds` times, so a change of
 machine load hits all of them; each round times several calls and the
 table shows the median of all calls and the ratio to effdet eager. The
-parent re-executes itself with `effdet_jax.malloc_tuning`'s glibc
+parent re-executes itself with `effdet_jax.cpu.malloc_tuning`'s glibc
 tunables (as `effdet_jax.main` does), and the workers inherit them: both
 implementations run under the same allocator settings
 (`EFFDET_TUNE_MALLOC=0` compares under glibc's defaults).
@@ -36,8 +36,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from configs import base
-from effdet_jax import malloc_tuning
+from effdet_jax import config_files
+from effdet_jax.cpu import malloc_tuning
 from effdet_jax.tools import benchmark as bm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tests'))
@@ -47,7 +47,7 @@ _CACHE = os.path.join(tempfile.gettempdir(), 'effdet_jax_vs_effdet_cache')
 
 
 def _ours(workload: str, size: int):
-  config = base.get_config('efficientdet-d0')
+  config = config_files.load_module('base').get_config('efficientdet-d0')
   config.model.image_size = (size, size)
   batch = 1 if workload == 'fwd1' else 8
   mode = 'train' if workload == 'train8' else 'forward'

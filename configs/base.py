@@ -3,8 +3,10 @@
 Sections: model (registry fields, overridable), data, train, eval, mesh,
 checkpoint. Every field has a default here so a command-line typo
 (`--config.model.fpn_num_filter=...`) is an error, not a silent default.
-The data/train/eval sections hold the official defaults (fact sheet §1.4);
-the input pipeline and the trainer read them.
+The data/train/eval sections hold the official defaults
+(`efficientdet/hparams_config.py: default_detection_configs`; the batch
+size and epoch length are the flag defaults of `efficientdet/main.py`); the
+input pipeline and the trainer read them.
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def get_config(
       seed=0,
     )
   )
-  # Post-processing: the official COCO-eval settings (fact sheet §9).
+  # Post-processing: the official COCO-eval settings, as
+  # `efficientdet/tf2/eval.py: main` sets them (batch 8, max_nms_inputs =
+  # `efficientdet/tf2/anchors.py: MAX_DETECTION_POINTS`) for
+  # `efficientdet/tf2/postprocess.py: postprocess_per_class` and `nms`.
   config.eval = ml_collections.ConfigDict(
     dict(
       batch_size=8,

@@ -25,7 +25,9 @@ their image, image files that do not exist, a label map that differs from
 the one saved in the workdir (`W/label_map.json`).
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 # The BCCD walkthrough's files (README, "Train on your own data").
 BCCD_DIR = '/tmp/bccd'

@@ -1,9 +1,13 @@
-"""EfficientDet-D3 (official `efficientdet-d3`, fact sheet §1.1).
+"""EfficientDet-D3 (official `efficientdet-d3`).
+
+From `efficientdet/hparams_config.py: efficientdet_model_param_dict`.
 
 python -m effdet_jax.tools.summary --config=configs/d3.py
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

@@ -1,9 +1,13 @@
-"""EfficientDet-D4 (official `efficientdet-d4`, fact sheet §1.1).
+"""EfficientDet-D4 (official `efficientdet-d4`).
+
+From `efficientdet/hparams_config.py: efficientdet_model_param_dict`.
 
 python -m effdet_jax.tools.summary --config=configs/d4.py
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

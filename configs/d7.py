@@ -1,9 +1,13 @@
-"""EfficientDet-D7 (official `efficientdet-d7`, fact sheet §1.1).
+"""EfficientDet-D7 (official `efficientdet-d7`).
+
+From `efficientdet/hparams_config.py: efficientdet_model_param_dict`.
 
 python -m effdet_jax.tools.summary --config=configs/d7.py
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

@@ -1,9 +1,13 @@
-"""EfficientDet-D7x (official `efficientdet-d7x`, fact sheet §1.1).
+"""EfficientDet-D7x (official `efficientdet-d7x`).
+
+From `efficientdet/hparams_config.py: efficientdet_model_param_dict`.
 
 python -m effdet_jax.tools.summary --config=configs/d7x.py
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

@@ -7,7 +7,9 @@ shapes split) and writes drawn predictions into the workdir in <= 10 min.
 `get_config('test')` shrinks it further for the test suite.
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

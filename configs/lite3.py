@@ -1,9 +1,14 @@
-"""EfficientDet-Lite3 (official `efficientdet-lite3`, fact sheet §1.2).
+"""EfficientDet-Lite3 (official `efficientdet-lite3`).
+
+From `efficientdet/hparams_config.py: efficientdet_lite_param_dict`
+and `lite_common_param`.
 
 python -m effdet_jax.tools.summary --config=configs/lite3.py
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):

@@ -10,7 +10,9 @@ voc_config.yaml `num_classes: 21`, `var_freeze_expr:
 (learning rate: the default 0.08 per 64 images, warmup 1 epoch, cosine).
 Background as the official: class ids are the VOC ids 1..20, class id - 1
 is the output channel, so with 21 outputs the last one is never a target
-(the start-up check logs it). The TF2 README's variant uses 20.
+(the start-up check logs it). The official TF2 tutorial
+(`efficientdet/tf2/tutorial.ipynb`, `--hparams="num_classes=20,..."`) uses
+20; both READMEs use 21.
 
   python -m effdet_jax.data.create_tfrecord --format=voc \\
       --annotations=VOCdevkit/VOC2012/Annotations \\
@@ -28,7 +30,9 @@ Expected: not measured here (no VOC and no official checkpoint can be
 downloaded in this workplace).
 """
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base', near=__file__)
 
 VOC_FREEZE = '(efficientnet|fpn_cells|resample_p6)'  # official expression
 

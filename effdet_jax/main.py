@@ -1,8 +1,35 @@
 """`python -m effdet_jax.main --config=configs/d0.py --workdir=DIR [--mode=...]`
 
-Thin entry point (STYLE 1): flags, multi-process initialisation, hide
-accelerators from TensorFlow (tf.data only), log the process and its
+Thin entry point: flags, multi-process initialisation, the backend choice,
+hide accelerators from TensorFlow (tf.data only), log the process and its
 devices, then `train_and_evaluate(config, workdir)`.
+
+Flags (besides the config's own overrides, `--config.train.batch_size=8`):
+
+  --workdir   checkpoints, metrics.jsonl, TensorBoard events, eval json.
+  --mode      train_and_eval (default) | train | eval (the latest
+              checkpoint of the workdir).
+  --backend   auto | xla | cpu (default: $EFFDET_JAX_BACKEND, else auto):
+              the forms `effdet_jax.ops` runs; 'cpu' = the XLA:CPU kernels
+              (`effdet_jax/cpu`), 'xla' = the plain Flax/lax code TPUs and
+              GPUs run, 'auto' = 'cpu' when JAX computes on the CPU.
+  --verbose   other libraries' INFO logs too (see Console).
+  --distributed, or --coordinator_address, --num_processes, --process_id:
+              several processes (a TPU pod slice: --distributed).
+
+Console: a few start lines (process and devices, backend, data), one line
+per log step (`step N/TOTAL  loss X (cls Y, box Z)  lr L  R img/s  ETA
+hh:mm:ss`), the COCO table of each evaluation, and the final metrics.
+INFO logs of other libraries (orbax's checkpoint chatter, JAX, absl, clu,
+TensorFlow's C++ INFO lines) are off; `--verbose` (or absl's `-v 1`, which
+also shows DEBUG) brings them back, and `TF_CPP_MIN_LOG_LEVEL=0` TF's C++
+INFO. (TensorFlow 2.21 prints its oneDNN notice at import whatever the
+settings.) Warnings and errors always show. metrics.jsonl and TensorBoard
+hold every metric either way.
+
+On a CPU host the program re-executes itself once with glibc malloc
+tunables (`effdet_jax/cpu/malloc_tuning.py`; `EFFDET_TUNE_MALLOC=0` opts
+out); never on a TPU/GPU host or with `--backend=xla`.
 """
 
 from __future__ import annotations
@@ -12,41 +39,89 @@ import os
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from effdet_jax import compilation_cache, malloc_tuning
+from effdet_jax import compilation_cache, ops
+from effdet_jax.cpu import malloc_tuning
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Run config file (configs/*.py).', lock_config=True
-)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, metrics.')
-_MODE = flags.DEFINE_enum(
-  'mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'], 'What to run.'
-)
-_COORDINATOR = flags.DEFINE_string(
-  'coordinator_address', None, 'host:port of process 0 (multi-process runs).'
-)
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
-_DISTRIBUTED = flags.DEFINE_bool(
-  'distributed',
-  False,
-  'jax.distributed.initialize() with the cluster auto-detected (every '
-  'worker of a TPU pod slice; launch/run.sh passes it).',
-)
-flags.mark_flags_as_required(['config', 'workdir'])
+# Loggers that use Python logging by name (orbax, clu and the absl-based
+# libraries log through the 'absl' logger: `_OnlyOurInfo` filters those).
+_QUIET_LOGGERS = ('jax', 'orbax', 'clu', 'tensorflow', 'etils', 'absl.flags')
 
 
-def _initialize_distributed() -> None:
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file(
+    'config', None, 'Run config file (configs/*.py).', lock_config=True
+  )
+  flags.DEFINE_string('workdir', None, 'Checkpoints, logs, metrics.')
+  flags.DEFINE_enum(
+    'mode',
+    'train_and_eval',
+    ['train', 'eval', 'train_and_eval'],
+    'What to run.',
+  )
+  flags.DEFINE_enum(
+    'backend',
+    None,
+    list(ops.BACKENDS),
+    f'effdet_jax.ops backend (default: ${ops.ENV_VAR}, else auto).',
+  )
+  flags.DEFINE_bool(
+    'verbose', False, "Also other libraries' INFO logs (orbax, JAX, ...)."
+  )
+  flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 (multi-process runs).'
+  )
+  flags.DEFINE_integer('num_processes', None, 'Processes.')
+  flags.DEFINE_integer('process_id', None, 'This process.')
+  flags.DEFINE_bool(
+    'distributed',
+    False,
+    'jax.distributed.initialize() with the cluster auto-detected (every '
+    'worker of a TPU pod slice; launch/run.sh passes it).',
+  )
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _OnlyOurInfo(logging.Filter):
+  """Passes warnings and errors, and INFO (or lower) of effdet_jax only."""
+
+  _root = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  # Warnings that say nothing wrong: orbax warns that a reader
+  # (`runtime/checkpoint.py: read_only_manager`) is read-only.
+  _notices = ('Given directory is read only',)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if os.path.abspath(record.pathname).startswith(self._root):
+      return True
+    if record.levelno >= logging.WARNING:
+      return not str(record.msg).startswith(self._notices)
+    return False
+
+
+def _configure_console(verbose: bool) -> None:
+  """Other libraries' INFO logs off unless `verbose` (module docstring)."""
+  if verbose:
+    return
+  for name in _QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  absl_logging.get_absl_handler().addFilter(_OnlyOurInfo())
+
+
+def _initialize_distributed(f: flags.FlagValues) -> None:
   """`jax.distributed.initialize()` when this is one of several processes."""
-  if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
+  if f.num_processes and f.num_processes > 1:
     jax.distributed.initialize(
-      coordinator_address=_COORDINATOR.value,
-      num_processes=_NUM_PROCESSES.value,
-      process_id=_PROCESS_ID.value,
+      coordinator_address=f.coordinator_address,
+      num_processes=f.num_processes,
+      process_id=f.process_id,
     )
   elif (
-    _DISTRIBUTED.value
+    f.distributed
     or len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1
   ):
     jax.distributed.initialize()  # TPU pod slice: auto-detected
@@ -55,10 +130,15 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Both before any JAX backend starts.
-  malloc_tuning.reexec_if_untuned()
-  malloc_tuning.dispatch_inline()
-  _initialize_distributed()
+  f = flags.FLAGS
+  _configure_console(f.verbose or f.verbosity >= 1)
+  # Both before any JAX backend starts, and only where the 'cpu' backend
+  # will compute (decided without starting one).
+  malloc_tuning.reexec_if_untuned(backend=f.backend)
+  malloc_tuning.dispatch_inline(backend=f.backend)
+  _initialize_distributed(f)
+  # Before anything traces the model; logs the choice.
+  ops.set_backend(f.backend)
   import tensorflow as tf  # noqa: PLC0415 - tf.data only, no accelerators
 
   tf.config.set_visible_devices([], 'GPU')
@@ -71,15 +151,15 @@ def main(argv):
   )
   from effdet_jax.train import trainer  # noqa: PLC0415
 
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = f.config, f.workdir
   compilation_cache.enable(config)
-  if _MODE.value == 'eval':
+  if f.mode == 'eval':
     from effdet_jax.evaluation import runner  # noqa: PLC0415
 
     runner.evaluate_checkpoint(config, workdir)
     return
   evaluate_fn = None
-  if _MODE.value == 'train_and_eval':
+  if f.mode == 'train_and_eval':
     from effdet_jax.evaluation import runner  # noqa: PLC0415
 
     evaluate_fn = runner.make_evaluate_fn(config, workdir)
@@ -113,4 +193,8 @@ def _report(config, workdir: str) -> None:
 
 
 if __name__ == '__main__':
+  # TensorFlow's C++ INFO lines (oneDNN notices): the config file's imports
+  # load TF while the flags are parsed, before `main` could decide.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  _define_flags()
   app.run(main)

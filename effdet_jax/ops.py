@@ -54,6 +54,7 @@ FORMS = (
 
 _resolved: str | None = None
 _forms: dict[str, Callable[..., Any]] = {}
+_plain: dict[str, Callable[..., Any]] = {}
 
 
 def _resolve(name: str) -> str:
@@ -127,6 +128,11 @@ def use_backend(name: str) -> Iterator[str]:
     jax.clear_caches()
 
 
+def plain_forms() -> dict[str, Callable[..., Any]]:
+  """The plain form of each named operation defined so far, by name."""
+  return dict(_plain)
+
+
 def backend_form(name: str) -> Callable[[Callable], Callable]:
   """Marks the decorated function (or module method) as the plain form of
   the named operation; the active backend may run its own form instead.
@@ -139,6 +145,8 @@ def backend_form(name: str) -> Callable[[Callable], Callable]:
     raise ValueError(f'{name!r} is not one of ops.FORMS')
 
   def decorate(plain: Callable) -> Callable:
+    _plain[name] = plain
+
     @functools.wraps(plain)
     def call(*args, **kwargs):
       if _resolved is None:

@@ -2,7 +2,7 @@
 
 Source: google/automl `efficientdet/hparams_config.py` at 6a54c874
 (`default_detection_configs`, `efficientdet_model_param_dict`,
-`efficientdet_lite_param_dict`, `lite_common_param`); fact sheet §1.1-1.3.
+`efficientdet_lite_param_dict`, `lite_common_param`).
 Model code never branches on these names: everything is a field.
 """
 

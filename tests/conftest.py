@@ -10,7 +10,7 @@ os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 # Subprocesses (xdist workers, the CLI runs tests start) inherit the glibc
 # malloc tunables that `python -m effdet_jax.main` re-executes itself with:
 # XLA:CPU steps run ~1.5x faster without per-step mmap/munmap page faults.
-from effdet_jax import malloc_tuning  # noqa: E402
+from effdet_jax.cpu import malloc_tuning  # noqa: E402
 
 if malloc_tuning.applies():
   os.environ.update(malloc_tuning.tuned_env())
@@ -22,33 +22,52 @@ SHARED = REPO.parent / 'shared'
 
 
 def shared_dir() -> pathlib.Path:
-  """The read-only project share: $EFFDET_JAX_SHARED, ../shared, /work/shared.
+  """The read-only project share: $EFFDET_JAX_SHARED if set, else ../shared.
 
-  A clean clone elsewhere (e.g. /tmp/ci) still finds the share of this
-  workplace, so the official-parity tests run in CI instead of skipping.
+  `../shared` is relative to the repository root. There is no other
+  fallback: a clone elsewhere (e.g. a CI checkout) sets EFFDET_JAX_SHARED.
+  Tests reach the files through `shared_path`, never by testing this
+  directory themselves, so that one rule decides skip or fail.
   """
   env = os.environ.get('EFFDET_JAX_SHARED')
-  candidates = [pathlib.Path(env)] if env else []
-  candidates += [SHARED, pathlib.Path('/work/shared')]
-  for path in candidates:
-    if (path / 'oracle').is_dir():
-      return path
-  return candidates[0]
+  return pathlib.Path(env) if env else SHARED
+
+
+def in_ci() -> bool:
+  """CI=true (as GitHub Actions and `.ci/run` set it)."""
+  return os.environ.get('CI', '').strip().lower() == 'true'
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """`shared_dir() / parts`, which must exist for the calling test.
+
+  Missing, it fails the test under CI=true (CI must not go green by
+  skipping the official-parity tests) and skips it otherwise; either way
+  the message names the path tried and where the share came from.
+  """
+  root = shared_dir()
+  path = root.joinpath(*parts)
+  if path.exists():
+    return path
+  if os.environ.get('EFFDET_JAX_SHARED'):
+    origin = f'$EFFDET_JAX_SHARED={root}'
+  else:
+    origin = f'../shared next to the repository = {root}, '
+    origin += '$EFFDET_JAX_SHARED unset'
+  message = f'shared fixture not found: tried {path} (share: {origin})'
+  if in_ci():
+    pytest.fail(f'{message}; CI=true: a missing fixture fails', pytrace=False)
+  pytest.skip(message)
 
 
 @pytest.fixture(scope='session')
 def oracle_dir() -> pathlib.Path:
-  path = shared_dir() / 'oracle' / 'official-d0-256'
-  if not path.exists():
-    pytest.skip(f'official oracle not found at {path}')
-  return path
+  return shared_path('oracle', 'official-d0-256')
 
 
 @pytest.fixture(scope='session')
 def official_counts() -> dict:
   import json
 
-  path = shared_dir() / 'reference' / 'official-counts.json'
-  if not path.exists():
-    pytest.skip(f'official counts not found at {path}')
+  path = shared_path('reference', 'official-counts.json')
   return json.loads(path.read_text())

@@ -13,7 +13,7 @@ from effdet_jax.models import bifpn, efficientnet
 
 
 def test_bifpn_node_list_levels_3_7():
-  # Fact sheet §3.2: fnode inputs for P3-P7.
+  # `efficientdet/tf2/fpn_configs.py: bifpn_config`: fnode inputs for P3-P7.
   nodes = bifpn.bifpn_nodes(3, 7)
   assert nodes == [
     (6, [3, 4]),
@@ -61,7 +61,8 @@ def test_backbone_scaling(name, stem, repeats, endpoints):
 
 
 def test_backbone_drop_connect_rule():
-  # §2.8: off only for names containing 'b0' (lite0 keeps it).
+  # Off only for names containing 'b0' (lite0 keeps it):
+  # `efficientdet/tf2/efficientdet_keras.py: EfficientDetNet.__init__`.
   assert efficientnet.backbone_spec('efficientnet-b0').survival_prob == 0
   assert efficientnet.backbone_spec('efficientnet-lite0').survival_prob == 0.8
   assert efficientnet.backbone_spec('efficientnet-b3').survival_prob == 0.8
@@ -77,7 +78,8 @@ def _names(name):
 
 def test_d0_variable_names_mirror_official_scopes():
   names = _names('efficientdet-d0')
-  # Cell 0 has five lateral 1x1 conv+BN (§3.4); later cells none.
+  # Cell 0 has five lateral 1x1 conv+BN, later cells none
+  # (`efficientdet/tf2/efficientdet_keras.py: FNode.build`).
   lateral = sorted(
     '/'.join(n.split('/')[3:5])
     for n in names
@@ -93,7 +95,8 @@ def test_d0_variable_names_mirror_official_scopes():
   assert not any('resample' in n for n in names if '/cell_1/' in n)
   assert 'params/resample_p6/conv2d/kernel' in names
   assert not any(n.startswith('params/resample_p7') for n in names)
-  # Per-level head BN with real level numbers (§4).
+  # Per-level head BN with real level numbers
+  # (`efficientdet/tf2/efficientdet_keras.py: ClassNet`, `BoxNet`).
   for lvl in range(3, 8):
     assert f'batch_stats/class_net/class-2-bn-{lvl}/mean' in names
   assert names['params/class_net/class-predict/pointwise_kernel'] == (
@@ -135,7 +138,8 @@ def test_initialisers_follow_official():
 
 
 def test_non_multiple_sizes_follow_ceil_halving():
-  # lite0 at 320 and lite2 at 448 (§1.5): P7 is 3 and 4.
+  # lite0 at 320 and lite2 at 448: P7 is 3 and 4
+  # (`efficientdet/utils.py: get_feat_sizes`).
   for name, size, p7 in (
     ('efficientdet-lite0', 320, 3),
     ('efficientdet-lite2', 448, 4),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effdet_jax import ops
 from effdet_jax.models import layers
 from effdet_jax.models.batch_norm import BatchNorm
 
@@ -50,9 +51,17 @@ def _vars(seed, c):
   }
 
 
+@pytest.mark.parametrize('backend', ['xla', 'cpu'])
 @pytest.mark.parametrize('act', [layers.swish, jax.nn.relu, None])
 @pytest.mark.parametrize('train', [True, False])
-def test_matches_flax_batchnorm_then_act(act, train):
+def test_matches_flax_batchnorm_then_act(act, train, backend):
+  """Both backends' forms: the plain one (what TPUs run) and the CPU
+  package's fused one (`effdet_jax.cpu.batch_norm`)."""
+  with ops.use_backend(backend):
+    _check_matches_flax(act, train)
+
+
+def _check_matches_flax(act, train):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(2.0, 3.0, (3, 5, 7, 6)), jnp.float32)
   dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)

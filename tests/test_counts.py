@@ -24,7 +24,8 @@ def test_counts_equal_official(name, official_counts):
 
 
 def test_paper_table_flops_rounding(official_counts):
-  # The paper's FLOPs column (README table): D0 2.5B ... D7x 410B.
+  # The paper's FLOPs column (`efficientdet/README.md`, table of section
+  # "2. Pretrained EfficientDet Checkpoints"): D0 2.5B ... D7x 410B.
   paper = {
     'efficientdet-d0': 2.5,
     'efficientdet-d4': 55,
@@ -40,7 +41,7 @@ def test_flops_count_sees_through_the_cpu_kernels(official_counts):
   FLOPs are still the official ones: the custom calls (depthwise, the
   fused 1x1 conv + BN) hide their arithmetic, so the count traces the jnp
   forms."""
-  from effdet_jax.kernels import cpu_library
+  from effdet_jax.cpu import library as cpu_library
 
   if not cpu_library.load():
     pytest.skip('no C++ compiler: the kernels are never used')

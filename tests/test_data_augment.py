@@ -200,8 +200,9 @@ def test_pixel_ops_match_pil(ours, pil, tol):
 
 
 def test_posterize_zero_bits_is_tf_cpu_shift_clamp():
-  # Fact sheet §8.8 quirk (v3 Posterize level 2 -> bits 0): TF's CPU kernel
-  # clamps a uint8 shift of 8 to 7, so the official op keeps the top bit.
+  # Official quirk (`efficientdet/aug/autoaugment.py: policy_v3`, Posterize
+  # level 2 -> bits 0 in `posterize`): TF's CPU kernel clamps a uint8 shift
+  # of 8 to 7, so the official op keeps the top bit.
   x = tf.constant(np.arange(256, dtype=np.uint8).reshape(16, 16, 1))
   x = tf.tile(x, [1, 1, 3])
   tf_shift = tf.bitwise.left_shift(
@@ -212,8 +213,9 @@ def test_posterize_zero_bits_is_tf_cpu_shift_clamp():
   assert set(np.unique(augment_ops.posterize(x, 0))) == {0, 128}
 
 
-def test_levels_follow_fact_sheet():
-  # Rotate: level / 10 * 30 degrees; translate: level / 10 * 250 px.
+def test_levels_follow_official_level_to_arg():
+  # `efficientdet/aug/autoaugment.py: level_to_arg`: Rotate: level / 10 * 30
+  # degrees; translate: level / 10 * 250 px.
   image = np.zeros((H, W, 3), np.uint8)
   box = np.array([[0.4, 0.4, 0.6, 0.6]], np.float32)
   _, moved = _run(

@@ -7,21 +7,24 @@ import shutil
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import shared_dir
+from conftest import shared_path
 
 from effdet_jax.data import checks, create_tfrecord, pipeline, testing
 
-COCO128 = shared_dir() / 'data' / 'coco128'
-GOOD = '000000000009.jpg'  # 640 x 480
+GOOD = '000000000009.jpg'  # 640 x 480 (shared data/coco128)
+
+
+def _good():
+  return shared_path('data', 'coco128', 'images', GOOD)
 
 
 @pytest.fixture()
 def bad_dataset(tmp_path):
   images = tmp_path / 'images'
   images.mkdir()
-  shutil.copy(COCO128 / 'images' / GOOD, images / 'good.jpg')
-  shutil.copy(COCO128 / 'images' / GOOD, images / 'empty.jpg')
-  data = (COCO128 / 'images' / GOOD).read_bytes()
+  shutil.copy(_good(), images / 'good.jpg')
+  shutil.copy(_good(), images / 'empty.jpg')
+  data = _good().read_bytes()
   (images / 'corrupt.jpg').write_bytes(data[:200] + b'\x00' * 500)
   (images / 'garbage.jpg').write_bytes(b'not an image at all')
   im = lambda i, name: dict(id=i, file_name=name, height=480, width=640)  # noqa: E731
@@ -131,7 +134,7 @@ def test_corrupt_record_in_tfrecord_is_skipped(bad_dataset, tmp_path):
 
 
 def test_too_many_boxes_are_cut_and_counted(tmp_path):
-  shutil.copy(COCO128 / 'images' / GOOD, tmp_path / 'a.jpg')
+  shutil.copy(_good(), tmp_path / 'a.jpg')
   anns = [
     dict(id=i, image_id=1, bbox=[i, i, 5, 5], category_id=1, iscrowd=0, area=25)
     for i in range(1, 8)

@@ -1,19 +1,19 @@
-"""Preprocessing facts (fact sheet §8, §15 item 14), pipeline mechanics,
-the synthetic dataset, and the host -> global array helper."""
+"""Preprocessing facts, pipeline mechanics, the synthetic dataset, and the
+host -> global array helper.
+
+Official preprocessing: `efficientdet/dataloader.py: InputReader.dataset_parser`
+with `DetectionInputProcessor`.
+"""
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import shared_dir
+from conftest import shared_path
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from effdet_jax.data import pipeline, preprocess, testing
-
-ORACLE = shared_dir() / 'oracle'
-ORACLE_JSON = ORACLE / 'official-tfrecord-coco16' / 'annotations.json'
-COCO128_IMAGES = ORACLE.parent / 'data' / 'coco128' / 'images'
 
 
 def _params(**kw):
@@ -38,9 +38,10 @@ def _example(image, boxes, classes=None):
 
 
 def test_jitter_geometry_by_hand():
-  # §8.4: f = 1.5, T = 512, image 480 x 640: scaled = int(768); scale =
+  # f = 1.5, T = 512, image 480 x 640: scaled = int(768); scale =
   # min(768 / 480, 768 / 640) = 1.2 -> 576 x 768; crop offsets within the
-  # overflow (64, 256).
+  # overflow (64, 256). Official: `efficientdet/dataloader.py`,
+  # `InputProcessor.set_training_random_scale_factors`.
   for s in range(5):
     scale, sh, sw, oy, ox = preprocess.jitter_geometry(
       480, 640, (512, 512), None, 1.5, 1.5, tf.constant([s, 0], tf.int64)
@@ -51,8 +52,10 @@ def test_jitter_geometry_by_hand():
 
 
 def test_eval_resize_pads_with_the_mean_colour():
-  # §8.7: aspect-preserving fit, pad bottom/right; normalisation comes
-  # first, so the padding is 0 = the mean colour.
+  # Aspect-preserving fit, pad bottom/right; normalisation comes first, so
+  # the padding is 0 = the mean colour (`efficientdet/dataloader.py`,
+  # `InputProcessor.set_scale_factors_to_output_size` and
+  # `resize_and_crop_image`).
   image = np.full((480, 640, 3), 200, np.uint8)
   out = preprocess.eval_preprocess(
     _example(image, [[0.5, 0.5, 1.0, 1.0]]), _params()
@@ -64,7 +67,8 @@ def test_eval_resize_pads_with_the_mean_colour():
     img[:96], np.broadcast_to(want, img[:96].shape), rtol=1e-5
   )
   assert float(out['image_scale']) == pytest.approx(5.0)
-  # §8.5: boxes clip to [0, size - 1]: x = 1.0 * 128 -> 127.
+  # Boxes clip to [0, size - 1]: x = 1.0 * 128 -> 127
+  # (`efficientdet/dataloader.py: DetectionInputProcessor.clip_boxes`).
   np.testing.assert_allclose(out['boxes'][0], [48, 64, 96, 127])
   assert out['image_size'].numpy().tolist() == [480, 640]
 
@@ -97,7 +101,8 @@ def test_vanished_boxes_are_dropped():
 
 def test_train_boxes_follow_flip_and_jitter():
   # A red rectangle on grey: whatever flip / scale / crop a seed draws,
-  # the box still encloses the red pixels (flip before jitter, §8.3).
+  # the box still encloses the red pixels (flip before jitter, as in
+  # `efficientdet/dataloader.py: InputReader.dataset_parser`).
   image = np.full((120, 160, 3), 90, np.uint8)
   image[30:90, 20:60] = [255, 0, 0]
   image[50:70, 70:90] = [0, 255, 0]  # unboxed marker right of the box
@@ -127,12 +132,16 @@ def test_train_boxes_follow_flip_and_jitter():
 
 
 def test_crowds_dropped_in_training_kept_in_eval():
+  json_path = shared_path(
+    'oracle', 'official-tfrecord-coco16', 'annotations.json'
+  )
+  images = shared_path('data', 'coco128', 'images')
   kw = dict(
     source='coco_json',
-    train_json=str(ORACLE_JSON),
-    train_images=str(COCO128_IMAGES),
-    eval_json=str(ORACLE_JSON),
-    eval_images=str(COCO128_IMAGES),
+    train_json=str(json_path),
+    train_images=str(images),
+    eval_json=str(json_path),
+    eval_images=str(images),
     batch_size=16,
   )
   config = testing.small_config(**kw)

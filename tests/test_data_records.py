@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import shared_dir
+from conftest import shared_dir, shared_path
 from pycocotools.coco import COCO
 
 from effdet_jax.data import create_tfrecord, pipeline, sources, testing
@@ -19,9 +19,13 @@ ORACLE = SHARED / 'oracle' / 'official-tfrecord-coco16'
 COCO128 = SHARED / 'data' / 'coco128'
 BCCD = SHARED / 'data' / 'bccd'
 
-pytestmark = pytest.mark.skipif(
-  not ORACLE.exists(), reason=f'shared data not found at {SHARED}'
-)
+
+@pytest.fixture(scope='module', autouse=True)
+def _shared_data():
+  # Every test here reads these; the conftest rule skips or fails them.
+  shared_path('oracle', 'official-tfrecord-coco16')
+  shared_path('data', 'coco128')
+  shared_path('data', 'bccd')
 
 
 def _by_id(ds):
@@ -138,8 +142,11 @@ def test_round_trip_boxes_follow_resize_and_clip(coco24):
   for b, image_id in enumerate(batch['image_id']):
     info = coco.loadImgs(int(image_id))[0]
     h, w = info['height'], info['width']
-    # Fact (§8.4, jitter factor 1): scale = min(int(T_h)/h, int(T_w)/w);
-    # boxes scale by the integer scaled size, clip to [0, size - 1].
+    # Official, jitter factor 1: scale = min(int(T_h)/h, int(T_w)/w); boxes
+    # scale by the integer scaled size, clip to [0, size - 1]
+    # (`efficientdet/dataloader.py`,
+    # `InputProcessor.set_training_random_scale_factors`,
+    # `DetectionInputProcessor.resize_and_crop_boxes`).
     scale = min(size[0] / h, size[1] / w)
     sh, sw = int(h * scale), int(w * scale)
     anns = coco.loadAnns(coco.getAnnIds(imgIds=int(image_id), iscrowd=False))

@@ -20,7 +20,9 @@ def test_anchors_equal_official_oracle(oracle_dir):
   assert anchors.level_sizes(256, 3, 7, 9) == list(ref['per_level'])
 
 
-# Fact sheet §1.5: total anchors per model at its image size.
+# Total anchors per model at its image size: 9 per location
+# (`efficientdet/tf2/anchors.py: Anchors`) on the feature sizes of
+# `efficientdet/utils.py: get_feat_sizes`.
 TOTALS = {
   'efficientdet-d0': 49104,
   'efficientdet-d1': 76725,

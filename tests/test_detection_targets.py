@@ -12,18 +12,23 @@ from hypothesis import strategies as st
 from torch_ref import import_effdet
 
 import effdet_jax
+from effdet_jax import ops
+from effdet_jax.cpu import library as cpu_library
+from effdet_jax.cpu import native_match
 from effdet_jax.detection import anchors, targets
-from effdet_jax.kernels import cpu_library, native_match
 
 SIZE = 256
 NUM_CLASSES = 20
 
 
-@pytest.fixture(autouse=True, params=[False, True], ids=['jnp', 'kernel'])
+@pytest.fixture(autouse=True, params=[False, True], ids=['xla', 'cpu_kernel'])
 def matcher(request):
+  """Every test with the plain matcher (the 'xla' backend) and with the
+  cpu backend's kernel."""
   if request.param and not cpu_library.load():
     pytest.skip('CPU kernels not built here')
-  with cpu_library.forced(request.param):
+  backend = 'cpu' if request.param else 'xla'
+  with ops.use_backend(backend), cpu_library.forced(request.param):
     yield request.param
 
 

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import shared_path
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -21,9 +21,7 @@ DATASETS = ('coco128', 'bccd')
 
 
 def _annotations(name: str) -> dict:
-  path = shared_dir() / 'data' / name / 'annotations.json'
-  if not path.exists():
-    pytest.skip(f'{path} not found')
+  path = shared_path('data', name, 'annotations.json')
   return json.loads(path.read_text())
 
 
@@ -134,7 +132,7 @@ def test_jittered_equals_pycocotools_directly(name, tmp_path):
   path = tmp_path / 'dets.json'
   path.write_text(json.dumps(result.detections))
   with contextlib.redirect_stdout(io.StringIO()):
-    gt = COCO(str(shared_dir() / 'data' / name / 'annotations.json'))
+    gt = COCO(str(shared_path('data', name, 'annotations.json')))
     ev = COCOeval(gt, gt.loadRes(str(path)), 'bbox')
     ev.evaluate()
     ev.accumulate()

@@ -7,12 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import shared_path
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import effdet_jax
-from effdet_jax.data import sources, testing
+from effdet_jax import config_files
+from effdet_jax.data import dataset_checks, label_maps, sources, testing
 from effdet_jax.evaluation import coco, runner
 
 EVAL_BATCH = 8  # one image per fake device
@@ -38,10 +39,9 @@ def variables():
 def bccd_subset(tmp_path_factory):
   """10 bccd images (two eval batches, the second padded) with category
   ids 2, 7, 11 instead of 1, 2, 3."""
-  src = shared_dir() / 'data' / 'bccd'
-  if not (src / 'annotations.json').exists():
-    pytest.skip('shared/data/bccd not found')
-  data = json.loads((src / 'annotations.json').read_text())
+  src = shared_path('data', 'bccd')
+  annotations = shared_path('data', 'bccd', 'annotations.json')
+  data = json.loads(annotations.read_text())
   new = {1: 2, 2: 7, 3: 11}
   images = data['images'][:10]
   ids = {im['id'] for im in images}
@@ -89,6 +89,33 @@ def test_coco_json_run_equals_pycocotools_on_written_files(
     ev.summarize()
   ours = [metrics[k] for k in coco.METRIC_NAMES]
   np.testing.assert_allclose(ours, ev.stats, atol=1e-6)
+
+
+def test_label_map_has_only_the_models_classes(tmp_path):
+  """The demo trains 3 classes, and its data.label_map 'shapes' names 4 (a
+  'cross' it never trains): evaluation, drawing and the workdir's map see
+  the 3 only, so the per-class table has no AP -1 row for 'cross'."""
+  config = config_files.load('demo:test')
+  config.eval.batch_size = EVAL_BATCH
+  assert config.model.num_classes == 3
+  assert len(label_maps.load(config.data.label_map)) == 4
+  want = {1: 'rectangle', 2: 'ellipse', 3: 'triangle'}
+  assert sources.label_map(config) == want
+  evaluator = runner.Evaluator(config, None)
+  assert evaluator.label_map == want
+  categories = evaluator.coco.ground_truth()['categories']
+  assert {c['id']: c['name'] for c in categories} == want
+  workdir = str(tmp_path / 'w')
+  assert dataset_checks.prepare_training(config, workdir).names == want
+  assert label_maps.load_workdir(workdir).names == want
+  # A workdir saved with all 4 names (before) still resumes.
+  label_maps.save_workdir(
+    workdir, label_maps.ClassMap.identity(label_maps.SHAPES)
+  )
+  assert dataset_checks.verify(config, workdir, ('eval',))[0].names == want
+  # A map with category ids keeps the pairs of the kept classes.
+  cm = label_maps.ClassMap({1: 'a', 2: 'b', 3: 'c'}, {1: 7, 2: 9, 3: 12})
+  assert cm.for_model(2) == label_maps.ClassMap({1: 'a', 2: 'b'}, {1: 7, 2: 9})
 
 
 def test_ground_truth_built_from_synthetic_batches(variables):
@@ -144,7 +171,7 @@ def test_evaluate_fn_and_mode_eval_restore_the_same_weights(
   import jax
   import jax.numpy as jnp
 
-  from effdet_jax.train import checkpoint
+  from effdet_jax.runtime import checkpoint
   from effdet_jax.train.state import TrainState
 
   config = _tiny(

@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, shared_dir
+from conftest import REPO, shared_path
 from PIL import Image
 
 import effdet_jax
@@ -60,9 +60,7 @@ def _env():
 
 @pytest.fixture(scope='module')
 def photos():
-  folder = shared_dir() / 'data' / 'coco128' / 'images'
-  if not folder.exists():
-    pytest.skip('shared/data/coco128 not found')
+  folder = shared_path('data', 'coco128', 'images')
   images, sizes = [], set()
   for path in sorted(folder.iterdir()):
     array = np.asarray(Image.open(path).convert('RGB'))
@@ -107,6 +105,15 @@ def exported(tmp_path_factory):
     'saved_model': str(out)
   }
   return tiny, out
+
+
+def test_saved_model_has_no_cpu_kernel_custom_calls(exported):
+  """The export traces with the 'xla' backend, whatever the process runs:
+  a SavedModel cannot carry the XLA:CPU kernels (custom calls 'Effdet*'
+  in the StableHLO that XlaCallModule holds)."""
+  graph = (exported[1] / 'saved_model.pb').read_bytes()
+  assert b'XlaCallModule' in graph
+  assert b'Effdet' not in graph
 
 
 def test_saved_model_equals_predict(exported, photos, tmp_path):

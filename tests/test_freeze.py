@@ -13,17 +13,19 @@ import logging
 import jax
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import shared_path
 from flax import traverse_util
 
 import effdet_jax
-from configs import base
+from effdet_jax import config_files
 from effdet_jax.convert import convert, tf_checkpoint
+from effdet_jax.runtime import metrics as metrics_lib
 from effdet_jax.train import freeze, init_from
-from effdet_jax.train import metrics as metrics_lib
 from effdet_jax.train.trainer import train_and_evaluate
 
-FREEZE = '(efficientnet|fpn_cells|resample_p6)'  # README / official example
+# The official example (`efficientdet/README.md`, section "8. Finetune on
+# PASCAL VOC 2012 with detector COCO ckpt.").
+FREEZE = '(efficientnet|fpn_cells|resample_p6)'
 STEPS = 5
 
 
@@ -37,7 +39,7 @@ def converted(oracle_dir, tmp_path_factory):
 
 
 def _config(bccd, init_path):
-  config = base.get_config('efficientdet-d0')
+  config = config_files.load_module('base').get_config('efficientdet-d0')
   config.model.image_size = (128, 128)
   config.model.num_classes = 3
   d = config.data
@@ -80,9 +82,7 @@ def _one_bccd_batch(config):
 
 
 def test_freeze_changes_only_unfrozen_leaves(converted, tmp_path, caplog):
-  bccd = shared_dir() / 'data' / 'bccd'
-  if not bccd.exists():
-    pytest.skip(f'{bccd} not found')
+  bccd = shared_path('data', 'bccd')
   src_dir, src = converted
   config = _config(bccd, src_dir)
   workdir = tmp_path / 'run'

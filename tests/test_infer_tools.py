@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import shared_dir
+from conftest import shared_path
 from PIL import Image
 
 import effdet_jax
@@ -31,9 +31,7 @@ def tiny():
 
 @pytest.fixture(scope='module')
 def photos():
-  folder = shared_dir() / 'data' / 'bccd' / 'images'
-  if not folder.exists():
-    pytest.skip('shared/data/bccd not found')
+  folder = shared_path('data', 'bccd', 'images')
   return sorted(folder.iterdir())[:3]
 
 

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effdet_jax import ops
+from effdet_jax.cpu import layers as cpu_layers
 from effdet_jax.models import layers
 
 tf = pytest.importorskip('tensorflow')
@@ -16,11 +18,12 @@ def test_depthwise_shift_equals_lax_and_tf(size, kernel, stride):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, *size, 6)).astype(np.float32)
   k = rng.standard_normal((kernel, kernel, 6, 1)).astype(np.float32)
-  shift = layers.depthwise_conv(x, k, stride, impl='shift')
-  lax_ = layers.depthwise_conv(x, k, stride, impl='lax')
+  shift = cpu_layers.depthwise_conv(x, k, stride, impl='shift')
+  with ops.use_backend('xla'):
+    plain = layers.depthwise_conv2d(x, k, stride)
   ref = tf.nn.depthwise_conv2d(x, k, [1, stride, stride, 1], 'SAME').numpy()
   np.testing.assert_allclose(shift, ref, atol=1e-5)
-  np.testing.assert_allclose(lax_, ref, atol=1e-5)
+  np.testing.assert_allclose(plain, ref, atol=1e-5)
 
 
 @pytest.mark.parametrize('stride', [1, 2])
@@ -31,7 +34,9 @@ def test_depthwise_gradients_agree(stride):
   w = rng.standard_normal((2, -(-11 // stride), -(-8 // stride), 5))
 
   def loss(impl):
-    return lambda x, k: jnp.sum(layers.depthwise_conv(x, k, stride, impl) * w)
+    return lambda x, k: jnp.sum(
+      cpu_layers.depthwise_conv(x, k, stride, impl) * w
+    )
 
   gs = jax.grad(loss('shift'), argnums=(0, 1))(x, k)
   gl = jax.grad(loss('lax'), argnums=(0, 1))(x, k)
@@ -53,7 +58,7 @@ def test_gated_pointwise_equals_gating_first_and_its_gradients(size):
     'bhwc,cd->bhwd', g[:, None, None] * x, k
   )
   np.testing.assert_allclose(
-    layers.pointwise_gated(x, gate, k),
+    cpu_layers.pointwise_gated(x, gate, k),
     gated_first(x, gate, k),
     rtol=1e-5,
     atol=1e-5,
@@ -62,7 +67,7 @@ def test_gated_pointwise_equals_gating_first_and_its_gradients(size):
     x, gate, k
   )
   for a, b in zip(
-    grads(layers.pointwise_gated), grads(gated_first), strict=True
+    grads(cpu_layers.pointwise_gated), grads(gated_first), strict=True
   ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
@@ -77,19 +82,19 @@ def test_im2col_conv_equals_tf_conv_and_its_gradient(size, stride):
   k = rng.standard_normal((3, 3, 3, 8)).astype(np.float32)
   ref = tf.nn.conv2d(x, k, [1, stride, stride, 1], 'SAME').numpy()
   np.testing.assert_allclose(
-    layers.conv_im2col(x, k, stride), ref, rtol=1e-5, atol=1e-5
+    cpu_layers.conv_im2col(x, k, stride), ref, rtol=1e-5, atol=1e-5
   )
   w = rng.standard_normal(ref.shape).astype(np.float32)
   lax_conv = lambda k: jax.lax.conv_general_dilated(
     x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
   )
   g_ref = jax.grad(lambda k: jnp.sum(lax_conv(k) * w))(k)
-  g = jax.grad(lambda k: jnp.sum(layers.conv_im2col(x, k, stride) * w))(k)
+  g = jax.grad(lambda k: jnp.sum(cpu_layers.conv_im2col(x, k, stride) * w))(k)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_tf_same_padding_is_asymmetric():
-  # Fact §2.11: extra padding goes bottom/right for stride-2 layers.
+  # TF SAME: extra padding goes bottom/right for stride-2 layers.
   assert layers.same_padding(8, 3, 2) == (0, 1)
   assert layers.same_padding(8, 5, 2) == (1, 2)
   assert layers.same_padding(7, 3, 1) == (1, 1)
@@ -115,9 +120,12 @@ def test_max_pool_same_matches_tf(size):
     .astype(np.float32)
   )
   x -= 10  # padded cells must never win, even against negatives
-  ours = layers.max_pool_same(jnp.asarray(x), 3, 2)
+  ours = cpu_layers.max_pool_same(jnp.asarray(x), 3, 2, 'shift')
+  with ops.use_backend('xla'):
+    plain = layers.max_pool2d(jnp.asarray(x), 3, 2)
   ref = tf.nn.max_pool2d(x, 3, 2, 'SAME').numpy()
   np.testing.assert_array_equal(np.asarray(ours), ref)
+  np.testing.assert_array_equal(np.asarray(plain), ref)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +151,7 @@ def test_max_pool_same_gradient_matches_tf(hw, window, stride, ties):
   out_hw = tuple(-(-n // stride) for n in hw)
   g = rng.standard_normal((2, *out_hw, 4)).astype(np.float32)
   ours, vjp = jax.vjp(
-    lambda v: layers.max_pool_same(v, window, stride), jnp.asarray(x)
+    lambda v: cpu_layers.max_pool_same(v, window, stride), jnp.asarray(x)
   )
   xt = tf.constant(x)
   with tf.GradientTape() as tape:
@@ -201,7 +209,7 @@ def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
   x = _split_over_two_devices_by_height((1, 64, 64, 3))
 
   def hlo(impl):
-    conv = layers.Conv(8, 3, 2, use_bias=False, impl=impl)
+    conv = cpu_layers.Conv(8, 3, 2, use_bias=False, impl=impl)
     variables = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
     fn = jax.jit(lambda v, x: conv.apply(v, x))
     return fn.lower(variables, x).compile().as_text()
@@ -211,20 +219,23 @@ def test_stem_conv_keeps_a_spatial_split_with_lax_impl():
 
 
 def test_max_pool_keeps_a_spatial_split_with_lax_impl():
-  """As for the stem: the BiFPN's pool follows `depthwise_impl`, and 'lax'
+  """As for the stem: the BiFPN's pool in the cpu backend's tap form would
+  gather, and 'lax'
   (XLA's reduce-window) keeps the H split of a 64-row map whose padded
   height (65 + 1 = 66 rows -> 33 x 2) the tap form's view would gather.
   Both forms give the same values."""
   x = _split_over_two_devices_by_height((1, 64, 64, 8))
 
   def hlo(impl):
-    fn = jax.jit(jax.grad(lambda v: layers.max_pool_same(v, 3, 2, impl).sum()))
+    fn = jax.jit(
+      jax.grad(lambda v: cpu_layers.max_pool_same(v, 3, 2, impl).sum())
+    )
     return fn.lower(x).compile().as_text()
 
   assert 'all-gather' not in hlo('lax')
   assert 'all-gather' in hlo('shift')
   v = jax.random.normal(jax.random.PRNGKey(0), (1, 64, 64, 8))
   np.testing.assert_array_equal(
-    np.asarray(layers.max_pool_same(v, 3, 2, 'lax')),
-    np.asarray(layers.max_pool_same(v, 3, 2, 'shift')),
+    np.asarray(cpu_layers.max_pool_same(v, 3, 2, 'lax')),
+    np.asarray(cpu_layers.max_pool_same(v, 3, 2, 'shift')),
   )

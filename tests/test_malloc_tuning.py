@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from effdet_jax import malloc_tuning
+from effdet_jax.cpu import malloc_tuning
 
 _SCRIPT = """
 import os, sys
 with open(sys.argv[1], 'a') as f:
   f.write('start\\n')
-from effdet_jax import malloc_tuning
+from effdet_jax.cpu import malloc_tuning
 malloc_tuning.reexec_if_untuned()
 print(os.environ.get('GLIBC_TUNABLES', ''))
 print(sys.argv[2])
@@ -20,7 +20,9 @@ print(sys.argv[2])
 
 
 def _run(tmp_path, **env_extra):
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+  drop = ('GLIBC_TUNABLES', 'JAX_PLATFORMS', 'JAX_PLATFORM_NAME')
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env[malloc_tuning.BACKEND_ENV] = 'cpu'  # this host's plugins aside
   env.update(env_extra)
   script = tmp_path / 'prog.py'
   script.write_text(_SCRIPT)
@@ -52,6 +54,74 @@ def test_opt_out(tmp_path):
   assert lines[0] == ''
 
 
+@pytest.mark.parametrize(
+  'env',
+  [
+    {'EFFDET_JAX_BACKEND': 'xla'},
+    {'EFFDET_JAX_BACKEND': 'auto', 'JAX_PLATFORMS': 'tpu'},
+  ],
+)
+def test_no_reexec_where_the_cpu_backend_does_not_compute(tmp_path, env):
+  starts, lines = _run(tmp_path, **env)
+  assert starts == 1
+  assert lines[0] == ''
+
+
+_BACKEND_CASES = [
+  # (requested, JAX_PLATFORMS, accelerator plugin installed) -> expected
+  ('cpu', '', True, True),
+  ('cpu', 'cuda', False, True),  # asked for: set_backend will say why not
+  ('xla', '', False, False),
+  ('xla', 'cpu', False, False),
+  ('auto', 'cpu', True, True),
+  ('auto', 'cpu,cuda', True, True),
+  ('auto', 'cuda,cpu', False, False),
+  ('auto', 'tpu', False, False),
+  ('auto', '', False, True),
+  ('auto', '', True, False),
+  (None, '', False, True),  # None: $EFFDET_JAX_BACKEND, default auto
+]
+
+
+@pytest.mark.parametrize('requested,platforms,plugin,want', _BACKEND_CASES)
+def test_cpu_computes(monkeypatch, requested, platforms, plugin, want):
+  for var in ('EFFDET_JAX_BACKEND', 'JAX_PLATFORMS', 'JAX_PLATFORM_NAME'):
+    monkeypatch.delenv(var, raising=False)
+  if platforms:
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  # The test process may have imported JAX: its config wins over the env.
+  monkeypatch.setattr(malloc_tuning, '_jax_platforms', lambda: platforms)
+  monkeypatch.setattr(
+    malloc_tuning, 'accelerator_plugin_installed', lambda: plugin
+  )
+  assert malloc_tuning.cpu_computes(requested) is want
+
+
+def test_cpu_computes_reads_the_backend_env(monkeypatch):
+  monkeypatch.setattr(malloc_tuning, '_jax_platforms', lambda: '')
+  monkeypatch.setattr(
+    malloc_tuning, 'accelerator_plugin_installed', lambda: False
+  )
+  monkeypatch.setenv('EFFDET_JAX_BACKEND', 'xla')
+  assert not malloc_tuning.cpu_computes()
+  assert malloc_tuning.cpu_computes('cpu')  # an explicit choice wins
+  monkeypatch.setenv('EFFDET_JAX_BACKEND', 'cpu')
+  assert malloc_tuning.cpu_computes()
+  assert not malloc_tuning.cpu_computes('xla')
+
+
+def test_plugins_are_found_without_importing_them(monkeypatch):
+  before = set(sys.modules)
+  assert isinstance(malloc_tuning.accelerator_plugin_installed(), bool)
+  assert not {m for m in set(sys.modules) - before if 'plugin' in m}
+  # A namespace child whose parent is missing is simply absent.
+  assert not malloc_tuning._module_installed('no_such_namespace.xla_cuda12')
+  monkeypatch.setattr(
+    malloc_tuning, '_module_installed', lambda n: n == 'jax_cuda12_plugin'
+  )
+  assert malloc_tuning.accelerator_plugin_installed()
+
+
 def test_user_values_are_kept():
   env = malloc_tuning.tuned_env(
     {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2'}
@@ -69,7 +139,7 @@ def test_user_values_are_kept():
 
 _FAULTS = """
 import resource, sys
-from effdet_jax import malloc_tuning
+from effdet_jax.cpu import malloc_tuning
 if sys.argv[1] == 'inline':
   malloc_tuning.dispatch_inline()
 import jax, jax.numpy as jnp

@@ -18,17 +18,19 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from effdet_jax.detection import focal
-from effdet_jax.kernels import (
-  cpu_library,
+from effdet_jax import ops
+from effdet_jax.cpu import batch_norm as bn_lib
+from effdet_jax.cpu import (
+  focal,
+  layers,
   native_batch_norm,
   native_focal,
   native_fusion,
   native_pointwise,
   native_weight_grad,
 )
-from effdet_jax.models import batch_norm as bn_lib
-from effdet_jax.models import layers
+from effdet_jax.cpu import library as cpu_library
+from effdet_jax.models import layers as plain_layers
 
 pytestmark = pytest.mark.skipif(
   not cpu_library.load(), reason='no C++ compiler: the jnp forms run instead'
@@ -98,7 +100,8 @@ def test_auto_picks_native_for_f32_on_one_device_only():
 
 
 @pytest.mark.parametrize(
-  'act', [None, layers.swish, jax.nn.relu, layers.relu6, jax.nn.silu]
+  'act',
+  [None, plain_layers.swish, jax.nn.relu, plain_layers.relu6, jax.nn.silu],
 )
 @pytest.mark.parametrize('shape', [(2, 6, 5, 40), (3, 4, 4, 19)])
 def test_batch_norm_act_matches_jnp(act, shape):
@@ -123,7 +126,7 @@ def test_batch_norm_act_matches_jnp(act, shape):
     assert _rel(a, b) < 2e-5
 
 
-@pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu])
+@pytest.mark.parametrize('act', [None, plain_layers.swish, jax.nn.relu])
 @pytest.mark.parametrize(
   'shape',
   [
@@ -318,7 +321,9 @@ def test_focal_loss_is_deterministic_and_propagates_nan():
 
 
 @pytest.mark.parametrize('k,stride', [(3, 1), (5, 2)])
-@pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu, layers.relu6])
+@pytest.mark.parametrize(
+  'act', [None, plain_layers.swish, jax.nn.relu, plain_layers.relu6]
+)
 def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
   """The inference BN + activation applied as the depthwise kernel stores
   its outputs; 19 channels: a 16-block and the scalar tail. The gradient
@@ -366,7 +371,14 @@ def test_depthwise_affine_act_pooled_matches_unfused(k, stride):
 
   def run(x, impl):
     return layers.depthwise_conv_affine_act(
-      x, kernel, stride, scale, shift, layers.swish, impl=impl, pooled=True
+      x,
+      kernel,
+      stride,
+      scale,
+      shift,
+      plain_layers.swish,
+      impl=impl,
+      pooled=True,
     )
 
   def mean_grad(impl):
@@ -415,7 +427,7 @@ def test_expand_depthwise_matches_unfused(shape, width, k, stride, pooled):
       stride,
       scale,
       shift,
-      layers.swish,
+      plain_layers.swish,
       impl=impl,
       pooled=pooled,
     )
@@ -475,7 +487,9 @@ def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
     ((1, 3, 5, 512), 20),  # K at the inference limit
   ],
 )
-@pytest.mark.parametrize('act', [None, layers.swish, jax.nn.relu, layers.relu6])
+@pytest.mark.parametrize(
+  'act', [None, plain_layers.swish, jax.nn.relu, plain_layers.relu6]
+)
 def test_pointwise_affine_act_matches_unfused(shape, n, act):
   """A 1x1 conv + inference BN + activation in one pass (the expand
   layers' inference form), against dot-then-affine; gradients through the
@@ -541,10 +555,10 @@ def test_im2col_affine_act_matches_conv(size, stride, cin, n):
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       precision='highest',
     )
-    return layers.swish(y * scale + shift)
+    return plain_layers.swish(y * scale + shift)
 
   def fused(x, k, scale, shift):
-    return layers.conv_im2col(x, k, stride, (scale, shift, layers.swish))
+    return layers.conv_im2col(x, k, stride, (scale, shift, plain_layers.swish))
 
   with cpu_library.forced(True):
     text = jax.jit(fused).lower(x, k, scale, shift).as_text()
@@ -693,14 +707,16 @@ def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
   """Wide inputs (K > 64) and unknown activations take the jnp form, which
   computes the same function; N not a multiple of 16 only in inference
   (the training kernels want whole 16-channel blocks)."""
-  assert not native_pointwise.supports(jnp.float32, 80, 96, layers.swish)
-  assert not native_pointwise.supports(jnp.float32, 16, 40, layers.swish)
+  assert not native_pointwise.supports(jnp.float32, 80, 96, plain_layers.swish)
+  assert not native_pointwise.supports(jnp.float32, 16, 40, plain_layers.swish)
   assert not native_pointwise.supports(jnp.float32, 16, 96, jnp.tanh)
   assert not native_pointwise.supports(jnp.bfloat16, 16, 96, None)
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 80))
   w = jax.random.normal(jax.random.key(1), (80, 40))
   with cpu_library.forced(True):
-    assert native_pointwise.supports(jnp.float32, 16, 40, layers.swish, True)
+    assert native_pointwise.supports(
+      jnp.float32, 16, 40, plain_layers.swish, True
+    )
     got = layers.pointwise_affine_act(x, w, 2.0, 1.0, jnp.tanh)
   assert _rel(got, jnp.tanh(jnp.einsum('...c,cd->...d', x, w) * 2 + 1)) < 1e-5
 
@@ -716,13 +732,15 @@ def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
     ((131072, 24), 64),  # 32 MiB out: the streaming-store path
   ],
 )
-@pytest.mark.parametrize('act', [layers.swish, None, jax.nn.relu, layers.relu6])
+@pytest.mark.parametrize(
+  'act', [plain_layers.swish, None, jax.nn.relu, plain_layers.relu6]
+)
 def test_pointwise_bn_train_matches_unfused(shape, n, act):
   """The expand conv + training BN + activation (statistics summed as the
   product is written; a backward that never writes the product's
   gradient) against `pointwise` then `normalize_act_train` in jnp:
   output, batch statistics and all four gradients."""
-  if np.prod(shape[:-1]) * n > 2_000_000 and act is not layers.swish:
+  if np.prod(shape[:-1]) * n > 2_000_000 and act is not plain_layers.swish:
     # Once is enough; and at millions of values some land within rounding
     # of relu's kink, where the two products' roundings pick other sides.
     pytest.skip('large shapes with swish only')
@@ -845,7 +863,7 @@ def test_model_train_mode_gradients_match_jnp_forms(fpn_num_filters):
 
 def test_disabled_by_environment():
   env = dict(os.environ, EFFDET_NATIVE_KERNELS='0')
-  code = 'from effdet_jax.kernels import cpu_library as c; print(c.load())'
+  code = 'from effdet_jax.cpu import library as c; print(c.load())'
   out = subprocess.run(
     [sys.executable, '-c', code],
     env=env,
@@ -857,27 +875,28 @@ def test_disabled_by_environment():
   assert out.stdout.strip() == 'False'
 
 
-def test_model_impl_setting_keeps_custom_calls_out():
-  """`depthwise_impl` chooses the CPU kernels for the whole model: 'shift'
-  (what export writes: a SavedModel cannot carry our custom calls) lowers
-  to no custom call, 'auto' to the depthwise and 1x1 conv + BN kernels."""
+def test_backend_switch_keeps_custom_calls_out():
+  """The backend switch chooses the CPU kernels for the whole model: 'xla'
+  (what TPUs and GPUs run, and what export writes: a SavedModel cannot
+  carry our custom calls) lowers to no custom call, 'cpu' to the depthwise
+  and 1x1 conv + BN kernels."""
   model, variables = _tiny_model()
   x = jnp.zeros((1, 64, 64, 3))
   texts = {}
   with cpu_library.forced(True):
-    for impl in ('auto', 'shift'):
-      m = model.clone(depthwise_impl=impl)
-      run = jax.jit(lambda v, x, m=m: m.apply(v, x, train=False))
-      texts[impl] = run.lower(variables, x).as_text()
-  assert 'EffdetPointwiseAffineAct' in texts['auto']
-  assert 'EffdetDepthwiseForwardAffineAct' in texts['auto']
-  assert 'Effdet' not in texts['shift']
+    for name in ('cpu', 'xla'):
+      with ops.use_backend(name):
+        run = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        texts[name] = run.lower(variables, x).as_text()
+  assert 'EffdetPointwiseAffineAct' in texts['cpu']
+  assert 'EffdetDepthwiseForwardAffineAct' in texts['cpu']
+  assert 'Effdet' not in texts['xla']
 
 
 def test_depthwise_kernel_claims_only_the_strides_it_runs():
   """The kernels are compiled for strides 1 and 2; `supports` sends any
   other stride to the jnp form, which still gives XLA's result."""
-  from effdet_jax.kernels import native_depthwise
+  from effdet_jax.cpu import native_depthwise
 
   assert native_depthwise.supports(jnp.float32, 3, 2)
   assert not native_depthwise.supports(jnp.float32, 3, 3)
@@ -903,7 +922,7 @@ def _fusion_jnp(xs, weights, act):
 
 @pytest.mark.parametrize('n,channels', [(2, 64), (3, 24), (3, 7)])
 @pytest.mark.parametrize('per_channel', [False, True])
-@pytest.mark.parametrize('act', [layers.swish, jax.nn.relu, None])
+@pytest.mark.parametrize('act', [plain_layers.swish, jax.nn.relu, None])
 def test_fast_fusion_act_matches_jnp(n, channels, per_channel, act):
   """Value and gradients (inputs and weights) against the jnp form; one
   weight negative (relu'd to 0, no gradient), channel counts with 8-wide
@@ -951,7 +970,7 @@ def test_bifpn_node_takes_the_fusion_kernel_in_training(method, monkeypatch):
     node_id=0,
     num_filters=16,
     weight_method=method,
-    act=layers.swish,
+    act=plain_layers.swish,
   )
   keys = jax.random.split(jax.random.key(0), 3)
   feats = [

@@ -16,13 +16,15 @@ import pytest
 from conftest import REPO
 
 import effdet_jax
+from effdet_jax import ops
 
 
-@pytest.mark.parametrize(
-  'ema,outputs', [(True, 'outputs.npz'), (False, 'outputs_raw.npz')]
-)
-def test_official_d0_parity(oracle_dir, tmp_path, ema, outputs):
-  out = tmp_path / 'd0'
+@pytest.fixture(scope='module', params=[True, False], ids=['ema', 'raw'])
+def converted(request, oracle_dir, tmp_path_factory):
+  """The oracle checkpoint converted with the real CLI (EMA or raw weights)
+  and the official outputs for it."""
+  ema = request.param
+  out = tmp_path_factory.mktemp('d0')
   subprocess.run(
     [
       sys.executable,
@@ -37,10 +39,19 @@ def test_official_d0_parity(oracle_dir, tmp_path, ema, outputs):
     check=True,
     cwd=REPO,
   )
-  model, variables = effdet_jax.load(str(out))
+  outputs = 'outputs.npz' if ema else 'outputs_raw.npz'
+  return out, np.load(oracle_dir / outputs)
+
+
+@pytest.mark.parametrize('backend', ['xla', 'cpu'])
+def test_official_d0_parity(oracle_dir, converted, backend):
+  """Both backends by themselves: the plain forms ('xla', what TPUs and
+  GPUs run) and the CPU package's kernels and fusions."""
+  out, ref = converted
   x = np.load(oracle_dir / 'input.npy')
-  cls, box = jax.jit(model.apply)(variables, x)
-  ref = np.load(oracle_dir / outputs)
+  with ops.use_backend(backend):
+    model, variables = effdet_jax.load(str(out))
+    cls, box = jax.jit(model.apply)(variables, x)
   for i, level in enumerate(range(3, 8)):
     for name, ours in (('cls', cls[i]), ('box', box[i])):
       theirs = ref[f'{name}_l{level}']

@@ -12,6 +12,7 @@ import pytest
 from torch_ref import import_effdet
 
 import effdet_jax
+from effdet_jax import ops
 from effdet_jax.convert import effdet_torch
 
 CASES = [
@@ -48,8 +49,10 @@ def _randomise(model, torch, seed):
         b.copy_(torch.rand(b.shape, generator=g) * 0.5 + 0.75)
 
 
+@pytest.mark.parametrize('backend', ['xla', 'cpu'])
 @pytest.mark.parametrize('ref_name,name,size', CASES, ids=[c[1] for c in CASES])
-def test_effdet_parity(ref_name, name, size):
+def test_effdet_parity(ref_name, name, size, backend):
+  """Both backends: the plain forms ('xla') and the CPU package's."""
   effdet = import_effdet()
   import torch
 
@@ -78,7 +81,8 @@ def test_effdet_parity(ref_name, name, size):
   variables = effdet_torch.convert_effdet_state_dict(
     state, abstract, model.backbone, model.min_level
   )
-  cls, box = jax.jit(model.apply)(variables, x)
+  with ops.use_backend(backend):
+    cls, box = jax.jit(model.apply)(variables, x)
   assert len(cls) == len(ref_cls) == model.max_level - model.min_level + 1
   for ours, theirs in zip(cls + box, ref_cls + ref_box, strict=True):
     assert ours.shape == theirs.shape

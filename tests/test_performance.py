@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 from train_utils import tiny_config
 
-from effdet_jax.detection import focal, losses
+from effdet_jax.cpu import focal
+from effdet_jax.detection import losses
 from effdet_jax.models import layers
 from effdet_jax.tools import benchmark
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_fused_focal_loss_equals_textbook_form(dtype):
-  """Value and gradient equal the official formula (fact sheet §6.2) on
-  one-hot labels, background (-1) rows included."""
+  """Value and gradient equal the official formula
+  (`efficientdet/det_model_fn.py: focal_loss`) on one-hot labels,
+  background (-1) rows included."""
   rng = np.random.default_rng(0)
   b, h, w, a, c = 2, 3, 5, 9, 7
   x = jnp.asarray(rng.normal(size=(b, h, w, a * c)) * 4, dtype)

@@ -8,7 +8,7 @@ import sys
 import jax
 from conftest import REPO
 
-from configs import demo
+from effdet_jax import config_files
 from effdet_jax.tools import plan_memory
 
 _SIZE = 512  # large enough that activations, not the state, dominate
@@ -50,7 +50,7 @@ def test_cli_json_and_memory_falls_with_spatial():
   assert split['mesh'] == {'data': 1, 'spatial': 2}
   assert set(split['verdict']) == {'v3', 'v4', 'v5e', 'v5p'}
   # The same step unsplit, in this process (tests/conftest.py: 8 devices).
-  config = demo.get_config('test')
+  config = config_files.load('demo:test')
   config.model.image_size = (_SIZE, _SIZE)
   whole = plan_memory.plan(config, (1, 1), 2, jax.devices()[:1], 'cpu')
   assert split['argument_bytes'] <= whole['argument_bytes']

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from train_utils import fixed_batch, tiny_config
 
-from effdet_jax.train import checkpoint
+from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer, train_and_evaluate
 
 

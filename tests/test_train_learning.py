@@ -6,14 +6,15 @@ import re
 
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import shared_path
 
-from effdet_jax.train import metrics as metrics_lib
+from effdet_jax import config_files
+from effdet_jax.runtime import metrics as metrics_lib
 from effdet_jax.train.trainer import train_and_evaluate
 
 
 def _config(source, **data):
-  from configs import demo
+  demo = config_files.load_module('demo')
 
   config = demo.get_config('test')
   config.data.source = source
@@ -52,9 +53,7 @@ def _det_losses(workdir):
 @pytest.mark.parametrize('source', ['synthetic', 'coco_json'])
 def test_detection_loss_halves(source, tmp_path):
   if source == 'coco_json':
-    root = shared_dir() / 'data' / 'bccd'
-    if not root.exists():
-      pytest.skip(f'{root} not found')
+    root = shared_path('data', 'bccd')
     config = _config(
       'coco_json',
       train_json=str(root / 'annotations.json'),

@@ -15,8 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from conftest import REPO
 
-from configs import demo
-from effdet_jax.train import checkpoint
+from effdet_jax import config_files
+from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer
 
 
@@ -111,7 +111,7 @@ def _logged_steps(workdir):
 
 
 def _checkpoint_params(workdir, step):
-  tr = Trainer(demo.get_config('test'), str(workdir), jax.devices()[:1])
+  tr = Trainer(config_files.load('demo:test'), str(workdir), jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(str(workdir), 3, 10)
   state = ckpt.manager.restore(
     step,

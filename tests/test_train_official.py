@@ -1,8 +1,10 @@
-"""One train step from the official oracle weights vs the fact-sheet formulas.
+"""One train step from the official oracle weights vs the official formulas.
 
-The loss parts are recomputed here in numpy from §6 (focal, Huber, the
-normaliser), the weight decay from the checkpoint's own variable names
-(`.*kernel$`, §6.5), and the learning rate from §7.2 — independently of
+The loss parts are recomputed here in numpy from
+`efficientdet/det_model_fn.py: detection_loss` (`focal_loss`, `_box_loss`,
+the normaliser), the weight decay from the checkpoint's own variable names
+(`.*kernel$`, `reg_l2_loss`), and the learning rate from
+`learning_rate_schedule` — independently of
 `effdet_jax/detection/losses.py` and `train/optimizer.py`.
 """
 
@@ -12,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
+from effdet_jax import config_files, ops
 from effdet_jax.convert import convert
 from effdet_jax.detection import levels, targets
 from effdet_jax.train.trainer import Trainer
@@ -32,10 +34,17 @@ def _np_losses(cls, box, cls_t, box_t, num_pos, num_classes):
   return cls_loss, box_loss
 
 
-def test_train_step_matches_official_formulas(oracle_dir, tmp_path):
+@pytest.mark.parametrize('backend', ['xla', 'cpu'])
+def test_train_step_matches_official_formulas(oracle_dir, tmp_path, backend):
+  """On both backends: the plain forms ('xla') and the CPU package's."""
+  with ops.use_backend(backend):
+    _check_train_step(oracle_dir, tmp_path)
+
+
+def _check_train_step(oracle_dir, tmp_path):
   import tensorflow as tf
 
-  config = base.get_config('efficientdet-d0')
+  config = config_files.load_module('base').get_config('efficientdet-d0')
   config.model.image_size = (256, 256)
   config.train.batch_size = 2
   config.train.num_steps = 1000
@@ -65,7 +74,7 @@ def test_train_step_matches_official_formulas(oracle_dir, tmp_path):
   metrics = jax.device_get(metrics)
 
   # Reference: train-mode forward (batch statistics), our matcher (checked
-  # against effdet elsewhere), the §6 formulas in numpy.
+  # against effdet elsewhere), the official loss formulas in numpy.
   (cls_out, box_out), _ = tr.model.apply(
     {'params': official['params'], 'batch_stats': official['batch_stats']},
     image,
@@ -93,7 +102,8 @@ def test_train_step_matches_official_formulas(oracle_dir, tmp_path):
   )
   assert metrics['weight_decay'] == pytest.approx(4e-5 * l2, rel=1e-5)
 
-  # §7.2 with batch 2: lr 0.08 * 2/64, warmup init scaled too (TF1).
+  # `efficientdet/det_model_fn.py: update_learning_rate_schedule_parameters`
+  # with batch 2: lr 0.08 * 2/64, warmup init scaled too (TF1).
   steps = tr.steps
   lr, warm = 0.08 * 2 / 64, 0.008 * 2 / 64
   assert metrics['learning_rate'] == pytest.approx(warm, rel=1e-6)

@@ -1,5 +1,8 @@
 """Optimiser, schedule, weight decay, clipping, EMA and freezing on toy trees,
-against hand computations of the official TF1 semantics (fact sheet §6-7)."""
+against hand computations of the official TF1 semantics
+(`efficientdet/det_model_fn.py: _model_fn`, `reg_l2_loss`,
+`learning_rate_schedule`; `efficientdet/efficientdet_arch.py: freeze_vars`).
+"""
 
 import math
 

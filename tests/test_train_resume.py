@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from conftest import REPO
 
-from effdet_jax.train import checkpoint
+from effdet_jax import config_files
+from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer
 
 
@@ -60,7 +61,7 @@ def _start_and_wait(workdir, step, *extra):
 
 
 def _final_state(workdir):
-  from configs import demo
+  demo = config_files.load_module('demo')
 
   tr = Trainer(demo.get_config('test'), str(workdir), devices=jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(str(workdir), 3, 3)

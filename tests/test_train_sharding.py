@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from train_utils import fixed_batch, tiny_config
 
-from effdet_jax import api
+from effdet_jax import api, ops
 from effdet_jax.train.trainer import Trainer
 
 
@@ -35,8 +35,17 @@ def _rel(a, b):
   return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
+@pytest.fixture(scope='module', params=['cpu', 'xla'])
+def backend(request):
+  """Each equivalence on both backends: the CPU package's forms and the
+  plain ones ('xla', what TPUs and GPUs run)."""
+  with ops.use_backend(request.param):
+    yield request.param
+
+
 @pytest.fixture(scope='module')
-def single(tmp_path_factory):
+def single(backend, tmp_path_factory):
+  del backend  # the single-device step on the same backend
   return _one_step(
     tiny_config(), jax.devices()[:1], tmp_path_factory.mktemp('one')
   )

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from configs import base
+from effdet_jax import config_files
+
+base = config_files.load_module('base')
 
 
 def tiny_config(batch_size=8, image=64, **train):

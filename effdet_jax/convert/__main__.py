@@ -47,54 +47,54 @@ from ml_collections import config_flags
 from effdet_jax import api
 from effdet_jax.convert import SOURCES, convert, tf_backbone
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_SOURCE = flags.DEFINE_enum('source', None, list(SOURCES), 'Source format.')
-_INPUT = flags.DEFINE_string('input', None, 'Checkpoint folder or file.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output directory.')
-_EMA = flags.DEFINE_bool(
-  'ema', True, 'tf, tf-backbone: use the EMA shadow weights.'
-)
-_ALLOW_MISSING = flags.DEFINE_string(
-  'allow-missing',
-  '',
-  'Regex (re.match on official names) of intended gaps: targets initialised '
-  'fresh, source tensors skipped.',
-)
-_ADVPROP = flags.DEFINE_bool(
-  'advprop',
-  False,
-  'AdvProp weights: record [-1, 1] input scaling (mean 0, std 1, '
-  'scale_range) in the output model config.',
-)
-flags.mark_flags_as_required(['config', 'source', 'input', 'output'])
+
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.')
+  flags.DEFINE_enum('source', None, list(SOURCES), 'Source format.')
+  flags.DEFINE_string('input', None, 'Checkpoint folder or file.')
+  flags.DEFINE_string('output', None, 'Output directory.')
+  flags.DEFINE_bool('ema', True, 'tf, tf-backbone: use the EMA shadow weights.')
+  flags.DEFINE_string(
+    'allow-missing',
+    '',
+    'Regex (re.match on official names) of intended gaps: targets '
+    'initialised fresh, source tensors skipped.',
+  )
+  flags.DEFINE_bool(
+    'advprop',
+    False,
+    'AdvProp weights: record [-1, 1] input scaling (mean 0, std 1, '
+    'scale_range) in the output model config.',
+  )
+  flags.mark_flags_as_required(['config', 'source', 'input', 'output'])
 
 
 def main(argv):
   del argv
-  cfg = _CONFIG.value.model
-  if _ADVPROP.value:
+  f = flags.FLAGS
+  allow_missing = f['allow-missing'].value
+  cfg = f.config.model
+  if f.advprop:
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.update(tf_backbone.ADVPROP_INPUT)
   variables, report = convert(
-    _SOURCE.value,
-    _INPUT.value,
-    cfg,
-    _EMA.value,
-    _ALLOW_MISSING.value,
-    with_report=True,
+    f.source, f.input, cfg, f.ema, allow_missing, with_report=True
   )
-  out = _OUTPUT.value
+  out = f.output
   api.save(out, cfg, variables)
   n = sum(x.size for x in jax.tree.leaves(variables))
-  kind = 'backbone' if _SOURCE.value == 'tf-backbone' else 'detector'
+  kind = 'backbone' if f.source == 'tf-backbone' else 'detector'
   summary = dict(
-    source=_SOURCE.value,
-    input=os.path.abspath(_INPUT.value),
+    source=f.source,
+    input=os.path.abspath(f.input),
     kind=kind,
-    ema=_EMA.value,
-    advprop=_ADVPROP.value,
-    allow_missing=_ALLOW_MISSING.value,
+    ema=f.ema,
+    advprop=f.advprop,
+    allow_missing=allow_missing,
     values=int(n),
   )
   lines = []
@@ -103,19 +103,20 @@ def main(argv):
     summary.update(
       matched=len(report.matched), fresh=report.fresh, skipped=report.skipped
     )
-    with open(os.path.join(out, 'conversion_report.txt'), 'w') as f:
-      f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'conversion.json'), 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
+    with open(os.path.join(out, 'conversion_report.txt'), 'w') as fh:
+      fh.write('\n'.join(lines) + '\n')
+  with open(os.path.join(out, 'conversion.json'), 'w') as fh:
+    json.dump(summary, fh, indent=2, sort_keys=True)
   logging.info('wrote %s (%d values)', out, n)
   print('\n'.join(lines))
   fresh = len(report.fresh) if report else 0
   print(
-    f'converted {_INPUT.value} -> {out} ({kind}): {n} values, '
+    f'converted {f.input} -> {out} ({kind}): {n} values, '
     f'{len(report.matched) if report else "all"} variables matched, '
     f'{fresh} initialised fresh'
   )
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -1,16 +1,18 @@
 """Official Keras `.h5` weights (`model.save_weights`) -> our variables.
 
-The released `efficientdet-dN.h5` files hold the EMA weights (the official
-inspector loads the EMA values, then saves; fact sheet §11.2). Layout, as
-written by Keras 2 `save_weights` and checked on
-`shared/oracle/official-d0-256/model.h5`: the root attribute `layer_names`
-lists the top-level layers (`efficientnet-b0`, `resample_p6`, `resample_p7`,
-`fpn_cells`, `class_net`, `box_net`); each layer group's attribute
-`weight_names` lists full variable names with a `:0` suffix
+The released `efficientdet-dN.h5` files hold the EMA weights: the official
+`efficientdet/tf2/inspector.py: main` (mode 'dry', `--export_ckpt`) loads
+the EMA values through `efficientdet/tf2/util_keras.py: restore_ckpt`, then
+calls `save_weights`. Layout, as written by Keras 2 `save_weights` and
+checked on `shared/oracle/official-d0-256/model.h5`: the root attribute
+`layer_names` lists the top-level layers (`efficientnet-b0`, `resample_p6`,
+`resample_p7`, `fpn_cells`, `class_net`, `box_net`); each layer group's
+attribute `weight_names` lists full variable names with a `:0` suffix
 (`efficientnet-b0/stem/conv2d/kernel:0`), stored as datasets at
 `<layer>/<weight name>`. The names are the official TF1 checkpoint names
-(§11.1), so the rename table is the one of `tf_checkpoint`. Read with h5py;
-Keras is not needed.
+(the layer scopes of `efficientdet/tf2/efficientdet_keras.py: EfficientDetNet`
+and `efficientdet/backbone/efficientnet_model.py: Model`), so the rename
+table is the one of `tf_checkpoint`. Read with h5py; Keras is not needed.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 The ImageNet checkpoints of google/automl and tensorflow/tpu (EfficientNet
 B0-B7, lite0-4, AdvProp, NoisyStudent) use the scopes the EfficientDet
-backbone uses (fact sheet §11.1, §11.4: the official `--backbone_ckpt`
-reads `{backbone}/...` names one to one), so the backbone part of our tree
-is read with the `tf_checkpoint` rename table. The classifier head
-(`{backbone}/head/...`: conv, BN, dense) has no place in a detector and is
-skipped; so are tensors outside the backbone scope when the source is a
-whole detector (`outside_scope_ok`). Everything else is strict.
+backbone uses (`efficientdet/backbone/efficientnet_model.py: Model`; the
+official `--backbone_ckpt`, `efficientdet/det_model_fn.py: _model_fn` with
+`efficientdet/utils.py: get_ckpt_var_map`, reads `{backbone}/...` names one
+to one), so the backbone part of our tree is read with the `tf_checkpoint`
+rename table. The classifier head (`{backbone}/head/...`: conv, BN, dense)
+has no place in a detector and is skipped; so are tensors outside the
+backbone scope when the source is a whole detector (`outside_scope_ok`).
+Everything else is strict.
 
 AdvProp checkpoints were trained on inputs scaled to [-1, 1]
 (`x * 2 / 255 - 1`, no mean/std): the official recipe sets

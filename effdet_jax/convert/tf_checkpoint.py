@@ -1,9 +1,13 @@
 """Official google/automl name-based TF checkpoints -> our variables.
 
-Names are the official scopes (fact sheet §11.1) with our `backbone` prefix
-replaced by the backbone name and BN leaves renamed; kernels already have the
-TF layouts we keep. EMA shadows (`<name>/ExponentialMovingAverage`) are used
-by default, as the official evaluation and inference do (§11.3).
+Names are the official scopes (the layer names of
+`efficientdet/tf2/efficientdet_keras.py: EfficientDetNet` and
+`efficientdet/backbone/efficientnet_model.py: Model`) with our `backbone`
+prefix replaced by the backbone name and BN leaves renamed; kernels already
+have the TF layouts we keep. EMA shadows (`<name>/ExponentialMovingAverage`)
+are used by default, as the official evaluation and inference do
+(`efficientdet/inference.py: restore_ckpt`,
+`efficientdet/tf2/util_keras.py: restore_ckpt`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ plus their reads); here the only residual is the layer input, and the
 backward pass recomputes the rest inside its two fused loops (one
 reduction over x and dy for d(scale), d(bias); one elementwise pass for
 dx). On XLA:CPU, where EfficientNet's step is bound by memory traffic,
-that is the largest single cost of the training step (profile in the
-README's speed section). On one CPU device, in f32, both directions are
+that is the largest single cost of the training step (measured by
+profiling the step). On one CPU device, in f32, both directions are
 compiled custom calls (`effdet_jax.kernels.native_batch_norm`).
 """
 

@@ -1,4 +1,7 @@
-"""Box-aware image ops for detection AutoAugment (fact sheet §8.8).
+"""Box-aware image ops for detection AutoAugment.
+
+Official ops: `efficientdet/aug/autoaugment.py: NAME_TO_FUNC` (`equalize`,
+`rotate_with_bboxes`, `bbox_cutout`, `_apply_multi_bbox_augmentation`, ...).
 
 Images are uint8 [h, w, 3]; boxes are normalised yxyx [N, 4]. Pixel ops
 follow the PIL semantics the official ops reproduce (blend truncates to

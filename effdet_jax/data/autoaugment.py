@@ -1,4 +1,9 @@
-"""Detection AutoAugment policies v0-v3 and RandAugment (fact sheet §8.8-9).
+"""Detection AutoAugment policies v0-v3 and RandAugment.
+
+Official: `efficientdet/aug/autoaugment.py: distort_image_with_autoaugment`
+(`policy_v0` ... `policy_v3`, `policy_vtest`, `level_to_arg`) and
+`distort_image_with_randaugment`, as called by
+`efficientdet/dataloader.py: InputReader.dataset_parser`.
 
 A policy is a list of sub-policies; one sub-policy, drawn uniformly per
 image, applies each (op, prob, level) with probability prob. `*_Only_BBoxes`

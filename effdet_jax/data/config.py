@@ -1,4 +1,8 @@
-"""Defaults of the `data` config section (fact sheet §1.4 and §8).
+"""Defaults of the `data` config section.
+
+Official defaults:
+`efficientdet/hparams_config.py: default_detection_configs`, as read by
+`efficientdet/dataloader.py: InputReader`.
 
 `configs/base.py` sets `config.data = data_config()`. The pipeline also reads
 `config.model` (image_size, mean_rgb, stddev_rgb, scale_range, num_classes),
@@ -45,7 +49,8 @@ def data_config() -> ml_collections.ConfigDict:
       # Stop at start-up when the data does not fit the config
       # (dataset_checks.py); False only to skip the json scan.
       check_dataset=True,
-      # Official input defaults (fact sheet §1.4).
+      # Official input defaults
+      # (`efficientdet/hparams_config.py: default_detection_configs`).
       max_instances_per_image=100,
       input_rand_hflip=True,
       jitter_min=0.1,

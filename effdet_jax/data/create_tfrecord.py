@@ -7,9 +7,12 @@ r"""Writes sharded TFRecords in the official EfficientDet layout.
       [--label_map=FILE] --output=PREFIX
 
 Records go to PREFIX-00000-of-0000N.tfrecord, round-robin as the official
-converters do, with their feature keys and encodings (fact sheet §8.1), so
-the official dataloader reads ours and we read theirs. Beside them:
-PREFIX_label_map.json ({id: name}) and, for VOC, the official
+converters do, with their feature keys and encodings
+(`efficientdet/dataset/create_coco_tfrecord.py: create_tf_example` and
+`_create_tf_record_from_coco_annotations`;
+`efficientdet/dataset/create_pascal_tfrecord.py: dict_to_tf_example` and
+`main`), so the official dataloader reads ours and we read theirs. Beside
+them: PREFIX_label_map.json ({id: name}) and, for VOC, the official
 json_<basename>.json COCO annotations for evaluation. Annotations the
 official COCO converter skips (w or h <= 0, beyond the image) are skipped
 and counted; an unreadable or missing image is skipped and counted (the
@@ -265,6 +268,21 @@ def convert(
   return skipped
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define the same flag twice)."""
+  flags.DEFINE_enum('format', 'coco', ['coco', 'voc'], 'annotation format')
+  flags.DEFINE_string('annotations', None, 'COCO json, or dir of VOC xml')
+  flags.DEFINE_string('images', None, 'image folder')
+  flags.DEFINE_string('output', None, 'output prefix')
+  flags.DEFINE_integer('num_shards', 32, 'number of shards (official: 32)')
+  flags.DEFINE_string('split', None, 'VOC: file of image stems to convert')
+  flags.DEFINE_string('label_map', None, 'VOC: json label map (name<->id)')
+  flags.DEFINE_bool('strict', False, 'raise on a bad image instead of skip')
+  flags.mark_flags_as_required(['annotations', 'images', 'output'])
+
+
 def main(argv):
   del argv
   f = flags.FLAGS
@@ -281,13 +299,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.DEFINE_enum('format', 'coco', ['coco', 'voc'], 'annotation format')
-  flags.DEFINE_string('annotations', None, 'COCO json, or dir of VOC xml')
-  flags.DEFINE_string('images', None, 'image folder')
-  flags.DEFINE_string('output', None, 'output prefix')
-  flags.DEFINE_integer('num_shards', 32, 'number of shards (official: 32)')
-  flags.DEFINE_string('split', None, 'VOC: file of image stems to convert')
-  flags.DEFINE_string('label_map', None, 'VOC: json label map (name<->id)')
-  flags.DEFINE_bool('strict', False, 'raise on a bad image instead of skip')
-  flags.mark_flags_as_required(['annotations', 'images', 'output'])
+  _define_flags()
   app.run(main)

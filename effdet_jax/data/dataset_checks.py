@@ -280,11 +280,17 @@ def check_split(
   return None
 
 
-def check_label_map(workdir: str, class_map: label_maps.ClassMap) -> bool:
-  """Stops when the workdir holds another label map; True if it has one."""
+def check_label_map(
+  workdir: str, class_map: label_maps.ClassMap, num_classes: int | None = None
+) -> bool:
+  """Stops when the workdir holds another label map; True if it has one.
+  With `num_classes`, the saved map's classes 1..num_classes are compared
+  (a workdir may hold names of classes the model has no output for)."""
   saved = label_maps.load_workdir(workdir)
   if saved is None:
     return False
+  if num_classes is not None:
+    saved = saved.for_model(num_classes)
   diff = saved.differences(class_map)
   if diff:
     path = os.path.join(workdir, label_maps.WORKDIR_FILE)
@@ -306,7 +312,12 @@ def _flip(line: str) -> str:
 def verify(
   config: Any, workdir: str | None, splits: tuple[str, ...]
 ) -> tuple[label_maps.ClassMap, dict[str, Report]]:
-  """Class map of the run, checked splits and the workdir's label map."""
+  """Class map of the run, checked splits and the workdir's label map.
+
+  The class map returned holds the classes the model predicts (ids
+  1..model.num_classes): a named data.label_map may list more ('shapes'
+  has 4 for the 3-class demo), which evaluation and drawing must not show.
+  """
   class_map = sources.class_map(config)
   reports: dict[str, Report] = {}
   if config.data.get('check_dataset', True):
@@ -324,8 +335,10 @@ def verify(
         n,
         n - k,
       )
+  num_classes = int(config.model.num_classes)
+  class_map = class_map.for_model(num_classes)
   if workdir:
-    check_label_map(workdir, class_map)
+    check_label_map(workdir, class_map, num_classes)
   return class_map, reports
 
 

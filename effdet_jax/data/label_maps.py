@@ -1,4 +1,8 @@
-"""Class names by 1-based class id, the ids the batches carry (DESIGN).
+"""Class names by 1-based class id, the ids the batches carry.
+
+Batches carry the class labels of the official TFRecords, so one batch
+layout serves every dataset and the target assigner subtracts 1 as the
+official one does.
 
 COCO keeps its category ids 1..90 (80 used); VOC uses the official
 `create_pascal_tfrecord` order 1..20; the synthetic shapes use 1..3(+).
@@ -175,6 +179,16 @@ class ClassMap:
   @property
   def category_to_class(self) -> dict[int, int]:
     return {v: k for k, v in self.category_ids.items()}
+
+  def for_model(self, num_classes: int) -> ClassMap:
+    """The classes a model with `num_classes` outputs predicts: ids
+    1..num_classes. A named map may list more (`shapes` has 4 for a
+    3-class demo); evaluation and drawing must not show those."""
+    keep = [k for k in self.names if 1 <= k <= num_classes]
+    return ClassMap(
+      {k: self.names[k] for k in keep},
+      {k: self.category_ids[k] for k in keep},
+    )
 
   def to_json(self) -> dict[str, dict]:
     return {

@@ -4,13 +4,13 @@
     -> load + check (decode, count bad input) -> preprocess (seeded by
     the example's position) -> batch -> prefetch
 
-A batch is a dict of numpy arrays with static shapes (DESIGN, "Batch"):
-image [B,H,W,3] f32, boxes [B,M,4] yxyx pixels of the network input (-1
-padded), classes [B,M] int32 1-based (-1 padded), image_id [B] int32,
-image_scale [B] f32 (original pixels per input pixel), image_size [B,2]
-int32 (original H, W), is_crowd [B,M] int32, area [B,M] f32; eval batches
-add valid [B] bool (False for the padding examples). B is the per-host
-batch: the configured global batch / jax.process_count().
+A batch is a dict of numpy arrays with static shapes, so one compiled step
+serves every batch: image [B,H,W,3] f32, boxes [B,M,4] yxyx pixels of the
+network input (-1 padded), classes [B,M] int32 1-based (-1 padded),
+image_id [B] int32, image_scale [B] f32 (original pixels per input pixel),
+image_size [B,2] int32 (original H, W), is_crowd [B,M] int32, area [B,M]
+f32; eval batches add valid [B] bool (False for the padding examples). B is
+the per-host batch: the configured global batch / jax.process_count().
 """
 
 from __future__ import annotations

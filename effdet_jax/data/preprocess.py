@@ -1,4 +1,9 @@
-"""Per-example preprocessing, in the official order (fact sheet §8.3-8.7).
+"""Per-example preprocessing, in the official order.
+
+Official: `efficientdet/dataloader.py: InputReader.dataset_parser`, with
+`DetectionInputProcessor` (`normalize_image`, `random_horizontal_flip`,
+`set_training_random_scale_factors`, `set_scale_factors_to_output_size`,
+`resize_and_crop_image`, `resize_and_crop_boxes`) and `pad_to_fixed_size`.
 
 Training: [AutoAugment on uint8, normalised boxes] -> normalise
 (x - mean) / std -> random horizontal flip -> scale jitter f ~ U[min, max)

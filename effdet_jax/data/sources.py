@@ -146,7 +146,8 @@ def _tfds(name, split, training, data, shard) -> tf.data.Dataset:
 def _from_tfds_coco(ex: dict) -> dict:
   objects = ex['objects']
   # TFDS numbers the 80 used COCO categories 0..79; batches carry the COCO
-  # category ids 1..90 like the official records (DESIGN, "Batch").
+  # category ids 1..90 like the official records
+  # (`efficientdet/dataset/create_coco_tfrecord.py: create_tf_example`).
   ids = tf.constant(label_maps.COCO_CONTIGUOUS_TO_ID, tf.int32)
   return {
     'encoded': ex['image'],
@@ -318,8 +319,9 @@ def class_map(config: Any) -> label_maps.ClassMap:
 
 def label_map(config: Any) -> dict[int, str]:
   """{class id: name} for the configured data (for drawing and per-class
-  metrics), after the data.category_ids mapping."""
-  return class_map(config).names
+  metrics), after the data.category_ids mapping; only the model's classes
+  (ids 1..model.num_classes)."""
+  return class_map(config).for_model(int(config.model.num_classes)).names
 
 
 def dataset_label_map(config: Any) -> dict[int, str]:

@@ -16,7 +16,9 @@ def small_config(
   **data: Any,
 ) -> ml_collections.ConfigDict:
   """A run config with `config.data = data_config()` and overrides."""
-  from configs import base
+  from effdet_jax import config_files  # noqa: PLC0415
+
+  base = config_files.load_module('base')
 
   config = base.get_config(model)
   config.data = data_config()

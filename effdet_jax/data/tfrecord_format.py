@@ -1,4 +1,9 @@
-"""The official EfficientDet TFRecord layout (fact sheet §8.1), both ways.
+"""The official EfficientDet TFRecord layout, both ways.
+
+Official: written by
+`efficientdet/dataset/create_coco_tfrecord.py: create_tf_example` and
+`efficientdet/dataset/create_pascal_tfrecord.py: dict_to_tf_example`, read
+by `efficientdet/object_detection/tf_example_decoder.py: TfExampleDecoder`.
 
 `create_coco_tfrecord.py` / `create_pascal_tfrecord.py` write one
 `tf.train.Example` per image with these keys; boxes are normalised to the

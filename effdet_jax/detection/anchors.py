@@ -1,8 +1,10 @@
 """Anchor boxes, as the official `tf2/anchors.Anchors` builds them.
 
-Facts (fact sheet §5.1): per level min..max, feature sizes by ceil-halving
-from the image size; stride = image / feature size (a float: lite0's P7 is
-320 / 3); for each octave s (outer) and aspect ratio r (inner) a box of
+Facts (`efficientdet/tf2/anchors.py: Anchors._generate_configs`,
+`Anchors._generate_boxes`; `efficientdet/utils.py: get_feat_sizes`): per
+level min..max, feature sizes by ceil-halving from the image size;
+stride = image / feature size (a float: lite0's P7 is 320 / 3); for each
+octave s (outer) and aspect ratio r (inner) a box of
 `anchor_scale * stride * 2**(s / num_scales)` scaled by (sqrt(r), 1/sqrt(r))
 for a scalar r or by (r[0], r[1]) for an explicit (w, h) pair; centres at
 `arange(stride / 2, size, stride)`; yxyx absolute pixels, not clipped;

@@ -1,4 +1,8 @@
-"""The official Faster R-CNN box coder without scale factors (§5.2, §9.2).
+"""The official Faster R-CNN box coder without scale factors.
+
+Official: `efficientdet/object_detection/faster_rcnn_box_coder.py:
+FasterRcnnBoxCoder` (encode) and `efficientdet/tf2/anchors.py:
+decode_box_outputs` (decode).
 
 encode: ty = (yc - yca) / ha, tx = (xc - xca) / wa, th = log(h / ha),
 tw = log(w / wa), with h, w, ha, wa clamped to >= 1e-8; order [ty, tx, th,

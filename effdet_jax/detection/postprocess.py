@@ -1,6 +1,6 @@
-"""Post-processing: head outputs -> `Detections` (fact sheet §9).
+"""Post-processing: head outputs -> `Detections`.
 
-Both official paths:
+Both official paths of `efficientdet/tf2/postprocess.py` (after `pre_nms`):
 * `mode='global'` (`postprocess_global`): class-agnostic NMS, boxes clipped
   to [0, image_size] in network-input pixels;
 * `mode='per_class'` (`postprocess_per_class`, official COCO eval): NMS per

@@ -1,7 +1,10 @@
 """Per-anchor targets on device: IoU, the official argmax matcher, encoding.
 
-Facts (fact sheet §5.2; official `object_detection/argmax_matcher.py`,
-`target_assigner.py`, `region_similarity_calculator.py`):
+Facts (official
+`efficientdet/object_detection/argmax_matcher.py: ArgMaxMatcher`,
+`efficientdet/object_detection/target_assigner.py: TargetAssigner`,
+`efficientdet/object_detection/region_similarity_calculator.py:
+IouSimilarity`, `efficientdet/tf2/anchors.py: AnchorLabeler.label_anchors`):
 * IoU without the "+1" convention, 0 where the intersection is 0;
 * each anchor takes its best box (first on ties): IoU >= matched_threshold
   -> positive, < unmatched_threshold -> negative (-1), in between ->
@@ -13,10 +16,12 @@ Facts (fact sheet §5.2; official `object_detection/argmax_matcher.py`,
   anchors too, as officially); box target = encoding of the matched box, 0
   otherwise; num_positives counts anchors whose match is not -1.
 
-Our rules for inputs the official pipeline never passes (documented in the
-README): entries with class <= 0 are padding; a box with ymin > ymax or
-xmin > xmax has its corners swapped; a box of zero area is ignored like
-padding (the official pipeline drops such boxes before assignment, §8.5).
+Our rules for inputs the official pipeline never passes (documented in
+docs/detection.md): entries with class <= 0 are padding; a box with
+ymin > ymax or xmin > xmax has its corners swapped; a box of zero area is
+ignored like padding (the official pipeline drops such boxes before
+assignment, in `efficientdet/dataloader.py:
+DetectionInputProcessor.resize_and_crop_boxes`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 `[x, y, w, h]` rows with the dataset's category ids, and runs COCOeval
 (pycocotools, or faster-coco-eval's C++ port as the fast option). Ground
 truth is an annotation json when the data has one, else it is built from
-the eval batches the way the official code does (fact sheet §10: boxes in
+the eval batches the way the official code does
+(`efficientdet/coco_metric.py: EvaluationMetric.update_state`: boxes in
 original pixels, area recomputed from the box, iscrowd from the data).
 
 One deliberate difference from the official `coco_metric.py`: COCOeval is
@@ -196,7 +197,8 @@ class COCOEvaluator:
             'image_id': int(image_id),
             'category_id': self._category(int(classes[i, j])),
             'bbox': [x, y, bw, bh],
-            # Official: the area is recomputed from the box (§10).
+            # Official: the area is recomputed from the box
+            # (`efficientdet/coco_metric.py: EvaluationMetric.update_state`).
             'area': bw * bh,
             'iscrowd': int(is_crowd[i, j]),
           }
@@ -205,7 +207,9 @@ class COCOEvaluator:
   def _category(self, class_id: int) -> int:
     if self.class_to_category is None:
       return class_id
-    return int(self.class_to_category[class_id])
+    # A class the map lacks (an untrained output) has no category: -1,
+    # dropped before scoring like any detection without one.
+    return int(self.class_to_category.get(class_id, -1))
 
   # -- scoring ---------------------------------------------------------------
 
@@ -356,22 +360,27 @@ def _per_class_ap(
 def _explain_missing(
   metrics: Mapping[str, float], per_class: Mapping[str, float]
 ) -> None:
-  """A -1 is not a score: say which ground truth was missing."""
+  """A -1 is not a score: say which ground truth was missing (one line)."""
+  by_kind: dict[str, list[str]] = {}
   for name, value in metrics.items():
     if value != -1.0:
       continue
     size = name[-1] if name[-1] in _SIZE_RULES else None
     what = f'{_SIZE_RULES[size]} boxes' if size else 'boxes at all'
-    logging.info(
-      'eval: %s = -1: the evaluated images have no ground-truth %s', name, what
-    )
+    by_kind.setdefault(what, []).append(name)
+  parts = [f'{", ".join(names)} ({what})' for what, names in by_kind.items()]
   missing = [n for n, v in per_class.items() if v == -1.0]
   if missing:
+    parts.append(
+      f'per-class AP of {len(missing)} classes ('
+      + ', '.join(missing[:20])
+      + (' ...' if len(missing) > 20 else '')
+      + ')'
+    )
+  if parts:
     logging.info(
-      'eval: per-class AP = -1 for %d classes with no ground truth in the '
-      'evaluated images: %s',
-      len(missing),
-      ', '.join(missing[:20]) + (' ...' if len(missing) > 20 else ''),
+      'eval: -1 = no such ground truth in the evaluated images: %s',
+      '; '.join(parts),
     )
 
 

@@ -36,7 +36,7 @@ from effdet_jax import api, files, inference
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.detection import postprocess as postprocess_lib
 from effdet_jax.evaluation import coco
-from effdet_jax.train import partitioning
+from effdet_jax.runtime import partitioning
 
 EVAL_DIR = 'eval'
 WEIGHTS = ('ema', 'raw', 'both')
@@ -60,6 +60,8 @@ class Evaluator:
     from effdet_jax.data import checks, dataset_checks, pipeline  # noqa: PLC0415
 
     # Before any compile: the eval split and the workdir's label map.
+    # The classes the model predicts (ids 1..num_classes): a named map
+    # may list more, which would show as per-class AP -1.
     class_map, _ = dataset_checks.verify(config, workdir, ('eval',))
     self.config = config
     self.workdir = workdir
@@ -337,19 +339,14 @@ def restore_weights(
   """(step, {'ema'|'raw': variables}) from a training workdir."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  from effdet_jax.train import checkpoint  # noqa: PLC0415
+  from effdet_jax.runtime import checkpoint  # noqa: PLC0415
 
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
-  manager = ocp.CheckpointManager(
-    directory,
-    item_names=('state', 'variables'),
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
+  manager = checkpoint.read_only_manager(workdir)
   step = manager.latest_step() if step is None else int(step)
   if step is None or step not in manager.all_steps():
     raise FileNotFoundError(
       f'no checkpoint {"" if step is None else f"at step {step} "}in '
-      f'{directory}; steps there: {list(manager.all_steps())}'
+      f'{manager.directory}; steps there: {list(manager.all_steps())}'
     )
   abstract = jax.eval_shape(lambda: api.init_variables(model))
   out: dict[str, Any] = {}
@@ -375,7 +372,7 @@ def restore_weights(
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:
   """`--mode=eval`: the latest (or `eval.checkpoint_step`) checkpoint of
   the workdir, scored and written like a training-time evaluation."""
-  from effdet_jax.train import metrics as metric_writers  # noqa: PLC0415
+  from effdet_jax.runtime import metrics as metric_writers  # noqa: PLC0415
 
   evaluator = Evaluator(config, workdir)
   step, weights = restore_weights(

@@ -2,7 +2,8 @@
 
   python -m effdet_jax.tools.benchmark --config=configs/d0.py \\
       --mode=forward|train|e2e --batch_size=8 [--dtype=float32|bfloat16] \\
-      [--remat=false|true] [--format=table|json] [--min_time_s=10]
+      [--remat=false|true] [--backend=auto|xla|cpu] [--format=table|json] \\
+      [--min_time_s=10]
 
 * forward: the network only (normalised images in, class/box maps out).
 * train: one full jitted training step (forward, on-device target
@@ -16,6 +17,11 @@ then one warm-up call, then calls until both `--min_iters` and
 `--min_time_s` are reached; the median is reported. The machine's f32
 matmul peak is measured too, so the forward time is put next to its
 physical limit (multiply-adds x 2 / peak FLOP/s).
+
+`--backend` picks the `effdet_jax.ops` backend (default: as `main.py`,
+$EFFDET_JAX_BACKEND else auto): `--backend=xla` on a CPU times the plain
+forms TPUs and GPUs run, `cpu` the XLA:CPU kernels. Several workloads in
+one process, one table: `benchmarks/suite.py`.
 """
 
 from __future__ import annotations
@@ -31,38 +37,38 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api, inference, malloc_tuning
+from effdet_jax import api, config_files, inference, ops
+from effdet_jax.cpu import malloc_tuning
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.tools import flops as flops_lib
 
 
 def _define_flags() -> None:
-  """CLI flags, defined only when run as a program: absl flags are
-  process-global, and importing two tools that both define --config
-  (a notebook, a test process) must not fail."""
-  global \
-    _CONFIG, \
-    _MODE, \
-    _BATCH, \
-    _DTYPE, \
-    _REMAT, \
-    _FORMAT, \
-    _MIN_ITERS, \
-    _MIN_TIME, \
-    _PEAK
-  _CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/d0.py', 'Run config.', lock_config=True
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file(
+    'config',
+    str(config_files.DEFAULT_CONFIG_DIR / 'd0.py'),
+    'Run config.',
+    lock_config=True,
   )
-  _MODE = flags.DEFINE_enum('mode', 'forward', ['forward', 'train', 'e2e'], '')
-  _BATCH = flags.DEFINE_integer('batch_size', 1, 'Images per call.')
-  _DTYPE = flags.DEFINE_enum(
+  flags.DEFINE_enum('mode', 'forward', ['forward', 'train', 'e2e'], '')
+  flags.DEFINE_integer('batch_size', 1, 'Images per call.')
+  flags.DEFINE_enum(
     'dtype', None, ['float32', 'bfloat16'], 'Compute dtype (default: config).'
   )
-  _REMAT = flags.DEFINE_bool('remat', None, 'train: remat (default: config).')
-  _FORMAT = flags.DEFINE_enum('format', 'table', ['table', 'json'], '')
-  _MIN_ITERS = flags.DEFINE_integer('min_iters', 5, 'Timed calls, at least.')
-  _MIN_TIME = flags.DEFINE_float('min_time_s', 10.0, 'Timed seconds, at least.')
-  _PEAK = flags.DEFINE_bool('measure_peak', True, 'Measure f32 matmul peak.')
+  flags.DEFINE_bool('remat', None, 'train: remat (default: config).')
+  flags.DEFINE_enum(
+    'backend',
+    None,
+    list(ops.BACKENDS),
+    f'effdet_jax.ops backend (default: ${ops.ENV_VAR}, else auto).',
+  )
+  flags.DEFINE_enum('format', 'table', ['table', 'json'], '')
+  flags.DEFINE_integer('min_iters', 5, 'Timed calls, at least.')
+  flags.DEFINE_float('min_time_s', 10.0, 'Timed seconds, at least.')
+  flags.DEFINE_bool('measure_peak', True, 'Measure f32 matmul peak.')
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 20) -> float:
@@ -167,10 +173,21 @@ def run(
   min_iters: int = 5,
   min_time_s: float = 10.0,
   measure_peak: bool = True,
+  backend: str | None = None,
 ) -> dict[str, Any]:
-  """Benchmarks one workload; returns the row the CLI prints."""
-  compiled, call, compile_s = _prepare(config, mode, batch)
-  times = _time_calls(call, min_iters, min_time_s)
+  """Benchmarks one workload; returns the row the CLI prints.
+
+  `backend` ('auto', 'xla', 'cpu') runs it under that `effdet_jax.ops`
+  backend; None: the process's (`ops.backend()`).
+  """
+  if backend is None:
+    used = ops.backend()
+    compiled, call, compile_s = _prepare(config, mode, batch)
+    times = _time_calls(call, min_iters, min_time_s)
+  else:
+    with ops.use_backend(backend) as used:
+      compiled, call, compile_s = _prepare(config, mode, batch)
+      times = _time_calls(call, min_iters, min_time_s)
   median = float(np.median(times))
   row: dict[str, Any] = {
     'model': config.model.name,
@@ -179,6 +196,7 @@ def run(
     'batch_size': batch,
     'dtype': config.model.dtype,
     'remat': bool(config.train.remat) if mode == 'train' else None,
+    'backend': used,
     'device': jax.devices()[0].device_kind,
     'compile_s': compile_s,
     'iterations': len(times),
@@ -190,11 +208,9 @@ def run(
   }
   if measure_peak:
     peak = matmul_peak_flops()
-    # Counted on the grouped-conv form: the jaxpr walk sees no arithmetic
-    # inside the CPU kernels' custom calls (same function either way).
-    cfg = dict(config.model)
-    cfg['depthwise_impl'] = 'lax'
-    model = api.build_model(cfg)
+    # Counted on the plain forms (`count_flops` traces with the 'xla'
+    # backend): no custom call hides arithmetic from the jaxpr walk.
+    model = api.build_model(config.model)
     x = jax.ShapeDtypeStruct((1, *config.model.image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda: api.init_variables(model))
     macs = flops_lib.count_flops(
@@ -219,6 +235,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     ('mode', '{}'),
     ('batch_size', '{}'),
     ('dtype', '{}'),
+    ('backend', '{}'),
     ('compile_s', '{:.1f}'),
     ('median_ms', '{:.1f}'),
     ('images_per_sec', '{:.2f}'),
@@ -243,27 +260,32 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  # Both before any JAX backend starts.
-  malloc_tuning.reexec_if_untuned()
-  malloc_tuning.dispatch_inline()
+  f = flags.FLAGS
+  config = f.config
+  # Both before any JAX backend starts, where the 'cpu' backend computes.
+  malloc_tuning.reexec_if_untuned(backend=f.backend)
+  malloc_tuning.dispatch_inline(backend=f.backend)
+  ops.set_backend(f.backend)
   with config.unlocked():
-    if _DTYPE.value:
-      config.model.dtype = _DTYPE.value
-    if _REMAT.value is not None:
-      config.train.remat = _REMAT.value
+    if f.dtype:
+      config.model.dtype = f.dtype
+    if f.remat is not None:
+      config.train.remat = f.remat
   row = run(
     config,
-    _MODE.value,
-    _BATCH.value,
-    min_iters=_MIN_ITERS.value,
-    min_time_s=_MIN_TIME.value,
-    measure_peak=_PEAK.value,
+    f.mode,
+    f.batch_size,
+    min_iters=f.min_iters,
+    min_time_s=f.min_time_s,
+    measure_peak=f.measure_peak,
   )
-  if _FORMAT.value == 'json':
+  if f.format == 'json':
     print(json.dumps(row))
     return
-  print(f'device: {row["device"]}, {jax.device_count()} device(s)')
+  print(
+    f'device: {row["device"]}, {jax.device_count()} device(s), '
+    f'backend {row["backend"]}'
+  )
   if 'matmul_peak_gflops' in row:
     print(
       f'f32 matmul peak: {row["matmul_peak_gflops"]:.0f} GFLOP/s; '

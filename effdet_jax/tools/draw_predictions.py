@@ -60,8 +60,11 @@ def draw_eval_predictions(
   return out_dir
 
 
-if __name__ == '__main__':
-  from absl import app, flags  # noqa: PLC0415
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  from absl import flags  # noqa: PLC0415
   from ml_collections import config_flags  # noqa: PLC0415
 
   config_flags.DEFINE_config_file('config', None, 'Run config file.')
@@ -70,9 +73,17 @@ if __name__ == '__main__':
   flags.DEFINE_float('min_score', 0.4, 'Score threshold.')
   flags.mark_flags_as_required(['config', 'workdir'])
 
-  def main(argv):
-    del argv
-    f = flags.FLAGS
-    print(draw_eval_predictions(f.config, f.workdir, f.num, f.min_score))
 
+def main(argv):
+  del argv
+  from absl import flags  # noqa: PLC0415
+
+  f = flags.FLAGS
+  print(draw_eval_predictions(f.config, f.workdir, f.num, f.min_score))
+
+
+if __name__ == '__main__':
+  from absl import app
+
+  _define_flags()
   app.run(main)

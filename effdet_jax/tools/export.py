@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from effdet_jax import api, inference
+from effdet_jax import api, inference, ops
 from effdet_jax.detection import anchors as anchors_lib
 
 SIGNATURE = 'serving_default'
@@ -87,6 +87,10 @@ def build_module(
 ):
   """A `tf.Module` whose `serve(images)` is the serving function.
 
+  The network is traced (whenever TF traces `serve`) with the 'xla'
+  backend of `effdet_jax.ops`: the plain forms TPUs and GPUs run, no
+  custom call of the XLA:CPU kernels, which a SavedModel cannot carry.
+
   Args:
     model, variables: what `effdet_jax.load` / `create_model` returns.
     config: the model config (run config, model section or registry name).
@@ -101,11 +105,6 @@ def build_module(
   cfg = inference.model_section(config)
   anchors = anchors_lib.anchors_from_config(cfg)
   kwargs = inference.inference_postprocess_kwargs(cfg, max_boxes, nms_method)
-  if getattr(model, 'depthwise_impl', None) in ('auto', 'native'):
-    # A SavedModel cannot carry our XLA:CPU custom calls: export the jnp
-    # form on CPU (same function) and XLA's convolution elsewhere.
-    cpu = jax.default_backend() == 'cpu'
-    model = model.clone(depthwise_impl='shift' if cpu else 'lax')
   detect = inference.make_detect_fn(model, anchors, **kwargs)
   # The variables pytree keeps static shapes; only the batch is symbolic.
   batch = 'b' if batch_size is None else str(int(batch_size))
@@ -132,7 +131,8 @@ def build_module(
   def serve(images):
     inputs, scale = _preprocess_batch(images, cfg)
     scales = tf.fill(tf.shape(images)[:1], scale)
-    det = detect_tf(module.variables_tree, inputs, scales)
+    with ops.use_backend('xla'):  # jax2tf traces `detect` here
+      det = detect_tf(module.variables_tree, inputs, scales)
     boxes, scores, classes = det[0], det[1], det[2]
     # As Predictor._select: slots with a class are detections; boxes are
     # also clipped to the picture (the official clip is to the padded
@@ -233,29 +233,54 @@ def _first_line(err: Exception) -> str:
   return (lines[0] if lines else text.splitlines()[0] if text else '')[:500]
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  config_flags.DEFINE_config_file(
+    'config', None, 'Run config (NMS method); optional.'
+  )
+  flags.DEFINE_string(
+    'checkpoint', None, 'Training workdir or converter directory.'
+  )
+  flags.DEFINE_string('output', None, 'SavedModel folder.')
+  flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
+  flags.DEFINE_integer('batch_size', 0, 'Fixed batch size; 0 = any batch size.')
+  flags.DEFINE_string(
+    'platforms', 'cpu', 'Comma-separated jax platforms: cpu, cuda, tpu.'
+  )
+  flags.DEFINE_bool(
+    'tflite', False, f'Also write OUTPUT/{TFLITE_FILE} (see the docstring).'
+  )
+
+
 def main(argv):
-  from absl import app  # noqa: PLC0415
+  from absl import app, flags  # noqa: PLC0415
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for flag in (_CHECKPOINT, _OUTPUT):
-    if not flag.value:
-      raise app.UsageError(f'--{flag.name} is required')
-  config = _CONFIG.value
-  loaded = api.load(_CHECKPOINT.value)
+  f = flags.FLAGS
+  for name in ('checkpoint', 'output'):
+    if not f[name].value:
+      raise app.UsageError(f'--{name} is required')
+  config = f.config
+  loaded = api.load(f.checkpoint)
   nms_method = config.eval.nms_method if config is not None else 'gaussian'
   output = export_saved_model(
     loaded[0],
     loaded[1],
     loaded.config,
-    _OUTPUT.value,
-    max_boxes=_MAX_BOXES.value,
+    f.output,
+    max_boxes=f.max_boxes,
     nms_method=nms_method,
-    batch_size=_BATCH.value or None,
-    platforms=tuple(p for p in _PLATFORMS.value.split(',') if p),
+    batch_size=f.batch_size or None,
+    platforms=tuple(p for p in f.platforms.split(',') if p),
   )
   summary = {'saved_model': output}
-  if _TFLITE.value:
+  if f.tflite:
     try:
       summary['tflite'] = export_tflite(
         output, os.path.join(output, TFLITE_FILE)
@@ -267,24 +292,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import app
 
-  _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Run config (NMS method); optional.'
-  )
-  _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Training workdir or converter directory.'
-  )
-  _OUTPUT = flags.DEFINE_string('output', None, 'SavedModel folder.')
-  _MAX_BOXES = flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
-  _BATCH = flags.DEFINE_integer(
-    'batch_size', 0, 'Fixed batch size; 0 = any batch size.'
-  )
-  _PLATFORMS = flags.DEFINE_string(
-    'platforms', 'cpu', 'Comma-separated jax platforms: cpu, cuda, tpu.'
-  )
-  _TFLITE = flags.DEFINE_bool(
-    'tflite', False, f'Also write OUTPUT/{TFLITE_FILE} (see the docstring).'
-  )
+  _define_flags()
   app.run(main)

@@ -28,22 +28,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api, inference, malloc_tuning
-
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Run config (class names, NMS method); optional.'
-)
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint', None, 'Training workdir or converter directory.'
-)
-_INPUT = flags.DEFINE_string('input', None, 'An image, a folder or a video.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output folder.')
-_MIN_SCORE = flags.DEFINE_float('min_score', 0.4, 'Keep scores >= this.')
-_MAX_BOXES = flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.')
-_LABEL_MAP = flags.DEFINE_string(
-  'label_map', '', "coco | voc | shapes | a json file; '' = from --config."
-)
+from effdet_jax import api, inference
+from effdet_jax.cpu import malloc_tuning
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 VIDEO_EXTENSIONS = ('.gif', '.mp4', '.avi', '.mov', '.mkv', '.webm')
@@ -203,30 +189,53 @@ def _finish(output, results, skipped, processed) -> dict[str, Any]:
   return summary
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file(
+    'config', None, 'Run config (class names, NMS method); optional.'
+  )
+  flags.DEFINE_string(
+    'checkpoint', None, 'Training workdir or converter directory.'
+  )
+  flags.DEFINE_string('input', None, 'An image, a folder or a video.')
+  flags.DEFINE_string('output', None, 'Output folder.')
+  flags.DEFINE_float('min_score', 0.4, 'Keep scores >= this.')
+  flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
+  flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.')
+  flags.DEFINE_string(
+    'label_map', '', "coco | voc | shapes | a json file; '' = from --config."
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for flag in (_CHECKPOINT, _INPUT, _OUTPUT):
-    if not flag.value:
-      raise app.UsageError(f'--{flag.name} is required')
-  # Both before any JAX backend starts (as effdet_jax.main does).
+  f = flags.FLAGS
+  for name in ('checkpoint', 'input', 'output'):
+    if not f[name].value:
+      raise app.UsageError(f'--{name} is required')
+  # Both before any JAX backend starts (as effdet_jax.main does), and only
+  # where the 'cpu' backend computes.
   malloc_tuning.reexec_if_untuned()
   malloc_tuning.dispatch_inline()
-  config = _CONFIG.value
-  loaded = api.load(_CHECKPOINT.value)
+  config = f.config
+  loaded = api.load(f.checkpoint)
   nms_method = config.eval.nms_method if config is not None else 'gaussian'
   predictor = inference.Predictor(
     loaded[0],
     loaded[1],
     loaded.config,
-    label_map=_label_map(config, _LABEL_MAP.value, _CHECKPOINT.value),
-    max_boxes=_MAX_BOXES.value,
+    label_map=_label_map(config, f.label_map, f.checkpoint),
+    max_boxes=f.max_boxes,
     nms_method=nms_method,
-    batch_size=_BATCH.value,
+    batch_size=f.batch_size,
   )
-  summary = run(predictor, _INPUT.value, _OUTPUT.value, _MIN_SCORE.value)
+  summary = run(predictor, f.input, f.output, f.min_score)
   print(json.dumps(summary))
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -253,6 +253,14 @@ def inspect(config: Any, split: str) -> str:
   return '\n'.join(lines)
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file('config', None, 'Run config.')
+  flags.DEFINE_enum('split', 'train', ['train', 'eval'], 'Split.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -261,7 +269,6 @@ def main(argv):
   print(inspect(flags.FLAGS.config, flags.FLAGS.split))
 
 
-if __name__ == '__main__':  # flags here: tests import this module
-  config_flags.DEFINE_config_file('config', None, 'Run config.')
-  flags.DEFINE_enum('split', 'train', ['train', 'eval'], 'Split.')
+if __name__ == '__main__':
+  _define_flags()
   app.run(main)

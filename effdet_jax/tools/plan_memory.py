@@ -51,38 +51,29 @@ _TPU = {
 
 
 def _define_flags() -> None:
-  """CLI flags, defined only when run as a program: absl flags are
-  process-global, and importing two tools that both define --config
-  (a notebook, a test process) must not fail."""
-  global \
-    _CONFIG, \
-    _MESH, \
-    _PER_DEVICE_BATCH, \
-    _REMAT, \
-    _TARGET, \
-    _TPU_GEN, \
-    _HEADROOM, \
-    _FORMAT
-  _CONFIG = config_flags.DEFINE_config_file(
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file(
     'config', None, 'Run config file (configs/*.py).', lock_config=True
   )
-  _MESH = flags.DEFINE_string(
+  flags.DEFINE_string(
     'mesh', 'data:1,spatial:1', 'Mesh sizes, e.g. data:4,spatial:2.'
   )
-  _PER_DEVICE_BATCH = flags.DEFINE_integer(
+  flags.DEFINE_integer(
     'per_device_batch', 1, 'Images per data shard (global = this x data).'
   )
-  _REMAT = flags.DEFINE_bool('remat', None, 'Overrides train.remat.')
-  _TARGET = flags.DEFINE_enum(
+  flags.DEFINE_bool('remat', None, 'Overrides train.remat.')
+  flags.DEFINE_enum(
     'target', 'auto', ['auto', 'tpu', 'cpu'], 'Compiler to ask (see doc).'
   )
-  _TPU_GEN = flags.DEFINE_enum(
+  flags.DEFINE_enum(
     'tpu', 'v3', sorted(_TPU), 'TPU generation of the compile-only topology.'
   )
-  _HEADROOM = flags.DEFINE_float(
+  flags.DEFINE_float(
     'headroom', 0.95, 'Usable fraction of device memory for the verdict.'
   )
-  _FORMAT = flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output.')
+  flags.DEFINE_enum('format', 'text', ['text', 'json'], 'Output.')
   flags.mark_flags_as_required(['config'])
 
 
@@ -185,9 +176,14 @@ def plan(
   devices: list,
   backend: str,
 ) -> dict[str, Any]:
-  """Compiles the step for `devices` and returns the memory analysis."""
+  """Compiles the step for `devices` and returns the memory analysis.
+
+  The step is traced with the 'xla' backend (`effdet_jax.ops`), the plain
+  forms a TPU runs, whatever `backend` compiles it.
+  """
   import jax  # noqa: PLC0415
 
+  from effdet_jax import ops  # noqa: PLC0415
   from effdet_jax.train.trainer import Trainer  # noqa: PLC0415
 
   data, spatial = mesh
@@ -195,21 +191,20 @@ def plan(
   with config.unlocked():
     config.mesh.data, config.mesh.spatial = data, spatial
     config.train.batch_size = per_device_batch * data
-    if config.model.depthwise_impl == 'auto':
-      config.model.depthwise_impl = 'lax'  # what a TPU runs
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer = Trainer(config, workdir, devices=devices)
-  batch = abstract_batch(config, config.train.batch_size)
-  shardings = trainer.batch_sharding(batch)
-  batch = {
-    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-    for k, v in batch.items()
-  }
-  start = time.time()
-  lowered = trainer.step_fn(batch).lower(
-    trainer.abstract_with_shardings(), batch
-  )
-  compiled = lowered.compile()
+  with ops.use_backend('xla'):
+    with tempfile.TemporaryDirectory() as workdir:
+      trainer = Trainer(config, workdir, devices=devices)
+    batch = abstract_batch(config, config.train.batch_size)
+    shardings = trainer.batch_sharding(batch)
+    batch = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+      for k, v in batch.items()
+    }
+    start = time.time()
+    lowered = trainer.step_fn(batch).lower(
+      trainer.abstract_with_shardings(), batch
+    )
+    compiled = lowered.compile()
   compile_s = time.time() - start
   mem = compiled.memory_analysis()
   args = int(mem.argument_size_in_bytes)
@@ -285,7 +280,8 @@ def format_text(r: dict[str, Any]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if _TARGET.value == 'cpu':
+  f = flags.FLAGS
+  if f.target == 'cpu':
     # The program is compiled, never run: skip LLVM's optimisation passes.
     # Memory comes from XLA's buffer assignment (HLO level), which they do
     # not change (D0 512 b8: identical bytes, compile 35 s -> 30 s).
@@ -302,32 +298,32 @@ def main(argv):
     jax.config.update('jax_platforms', 'cpu')
   except RuntimeError:  # backend already running (a notebook)
     pass
-  config = _CONFIG.value
-  if _REMAT.value is not None:
+  config = f.config
+  if f.remat is not None:
     with config.unlocked():
-      config.train.remat = _REMAT.value
-  mesh = parse_mesh(_MESH.value)
+      config.train.remat = f.remat
+  mesh = parse_mesh(f.mesh)
   n = mesh[0] * mesh[1]
   devices, backend = None, 'cpu'
-  if _TARGET.value in ('auto', 'tpu'):
+  if f.target in ('auto', 'tpu'):
     try:
-      devices, backend = tpu_devices(_TPU_GEN.value, n), 'tpu'
+      devices, backend = tpu_devices(f.tpu, n), 'tpu'
     except Exception as e:  # noqa: BLE001 - any failure: fall back to CPU
-      if _TARGET.value == 'tpu':
+      if f.target == 'tpu':
         raise
       logging.warning('TPU topology unavailable (%s); compiling for CPU', e)
   result = None
   if devices is not None:
     try:
-      result = plan(config, mesh, _PER_DEVICE_BATCH.value, devices, backend)
+      result = plan(config, mesh, f.per_device_batch, devices, backend)
     except Exception as e:  # noqa: BLE001
-      if _TARGET.value == 'tpu':
+      if f.target == 'tpu':
         raise
       logging.warning('TPU compile failed (%s); compiling for CPU', e)
   if result is None:
-    result = plan(config, mesh, _PER_DEVICE_BATCH.value, cpu_devices(n), 'cpu')
-  result['verdict'] = verdicts(result['per_device_bytes'], _HEADROOM.value)
-  if _FORMAT.value == 'json':
+    result = plan(config, mesh, f.per_device_batch, cpu_devices(n), 'cpu')
+  result['verdict'] = verdicts(result['per_device_bytes'], f.headroom)
+  if f.format == 'json':
     print(json.dumps(result, sort_keys=True))
   else:
     print(format_text(result))

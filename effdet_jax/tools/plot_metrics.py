@@ -11,7 +11,7 @@ import argparse
 import numpy as np
 from PIL import Image, ImageDraw
 
-from effdet_jax.train import metrics as metrics_lib
+from effdet_jax.runtime import metrics as metrics_lib
 
 
 def plot(rows, keys, output, width=640, panel=200):

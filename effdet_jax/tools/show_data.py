@@ -88,9 +88,23 @@ def show(config: Any, split: str, num: int, output: str) -> list[str]:
   return paths
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  from absl import flags  # noqa: PLC0415
+  from ml_collections import config_flags  # noqa: PLC0415
+
+  config_flags.DEFINE_config_file('config', None, 'run config file')
+  flags.DEFINE_enum('split', 'train', ['train', 'eval'], 'which pipeline')
+  flags.DEFINE_integer('num', 16, 'how many examples')
+  flags.DEFINE_string('output', None, 'folder for the PNGs')
+  flags.mark_flags_as_required(['config', 'output'])
+
+
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags  # noqa: PLC0415
 
   f = flags.FLAGS
   config = f.config
@@ -99,12 +113,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags
-  from ml_collections import config_flags
+  from absl import app
 
-  config_flags.DEFINE_config_file('config', None, 'run config file')
-  flags.DEFINE_enum('split', 'train', ['train', 'eval'], 'which pipeline')
-  flags.DEFINE_integer('num', 16, 'how many examples')
-  flags.DEFINE_string('output', None, 'folder for the PNGs')
-  flags.mark_flags_as_required(['config', 'output'])
+  _define_flags()
   app.run(main)

@@ -32,9 +32,8 @@ def _part(top: str) -> str:
 def summarize(model_cfg: Any) -> dict[str, Any]:
   """Parameter counts and FLOPs of the model a `model` config describes."""
   cfg = dict(model_cfg)
-  # FLOPs are counted on the grouped-conv form (one op per depthwise conv,
-  # as in TF); both forms compute the same function.
-  cfg['depthwise_impl'] = 'lax'
+  # FLOPs are counted on the plain forms (`count_flops` traces with the
+  # 'xla' backend: one grouped conv per depthwise conv, as in TF).
   model = api.build_model(cfg)
   variables = jax.eval_shape(lambda: api.init_variables(model))
   flat = traverse_util.flatten_dict(variables)
@@ -84,6 +83,15 @@ def format_table(s: dict[str, Any]) -> str:
   return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
+def _define_flags() -> None:
+  """The program's flags; defined only when it runs as a program (absl
+  flags are process-global: importing two tools into one process must not
+  define --config twice)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file.')
+  flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
+  flags.mark_flags_as_required(['config'])
+
+
 def main(argv):
   del argv
   s = summarize(flags.FLAGS.config.model)
@@ -91,9 +99,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Flags are defined only when run as a program, so importing `summarize`
-  # never clashes with another tool's flags.
-  config_flags.DEFINE_config_file('config', None, 'Config file.')
-  flags.DEFINE_enum('format', 'table', ['table', 'json'], 'Output format.')
-  flags.mark_flags_as_required(['config'])
+  _define_flags()
   app.run(main)

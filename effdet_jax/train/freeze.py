@@ -1,14 +1,17 @@
 """`train.freeze`: the official `var_freeze_expr`, on our parameter paths.
 
-Official meaning (fact sheet §11.4): `re.match` (anchored at the start) of
-the regex against each variable's official name; matching variables leave
-the trainable list, so they get no update and no L2 weight decay, and are
-left out of gradient clipping. The official names are our paths with the
-backbone scope spelled `efficientnet-bN` and BN leaves renamed
-(`convert.tf_checkpoint.official_name`), so the README's
-`(efficientnet|fpn_cells|resample_p6)` freezes the backbone, the BiFPN and
-the P6 resampling and trains the two heads. A pattern that matches nothing
-is an error (the official code only warns).
+Official meaning (`efficientdet/efficientdet_arch.py: freeze_vars`; TF2
+`efficientdet/tf2/train_lib.py: EfficientDetNetTrain._freeze_vars`):
+`re.match` (anchored at the start) of the regex against each variable's
+official name; matching variables leave the trainable list, so they get no
+update and no L2 weight decay, and are left out of gradient clipping. The
+official names are our paths with the backbone scope spelled
+`efficientnet-bN` and BN leaves renamed
+(`convert.tf_checkpoint.official_name`), so the official example
+`(efficientnet|fpn_cells|resample_p6)` (`efficientdet/README.md`, section
+"8. Finetune on PASCAL VOC 2012") freezes the backbone, the BiFPN and the
+P6 resampling and trains the two heads. A pattern that matches nothing is an
+error (the official code only warns).
 
 Frozen parameters also get `stop_gradient` in the step, so no backward pass
 runs through a frozen trunk (faster, and the same updates).

@@ -1,4 +1,8 @@
-"""Optimiser pieces with the official TF1 semantics (fact sheet §6.5, §7).
+"""Optimiser pieces with the official TF1 semantics.
+
+Official: `efficientdet/det_model_fn.py: _model_fn` (optimizer, clipping,
+EMA) and `reg_l2_loss`; the averaged variables are those of
+`efficientdet/utils.py: get_ema_vars`.
 
 * SGD momentum 0.9 as `tf.train.MomentumOptimizer`: a = m*a + g; w -= lr*a
   (`optax.trace` then scale by -lr).

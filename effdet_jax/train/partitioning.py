@@ -1,88 +1,26 @@
-"""Device mesh and shardings (DESIGN: axes ('data', 'spatial')).
+"""Moved to `effdet_jax.runtime.partitioning` (evaluation shards its
+batches too); this alias will be removed."""
 
-The mesh comes from config `mesh.data` x `mesh.spatial` with one -1 filled
-from the device count. The batch is sharded over 'data' (images also over
-'spatial' along H); the train state is replicated unless a rule in
-`mesh.param_rules` ((regex, PartitionSpec tuple) pairs) says otherwise.
-Under jit, BatchNorm means over the batch axis are global-batch means: XLA
-inserts the cross-device reductions.
-"""
+import warnings
 
-from __future__ import annotations
+from effdet_jax.runtime.partitioning import (
+  AXES,
+  batch_shardings,
+  make_mesh,
+  mesh_shape,
+  state_shardings,
+)
 
-import logging
-import re
-from typing import Any
+__all__ = [
+  'AXES',
+  'batch_shardings',
+  'make_mesh',
+  'mesh_shape',
+  'state_shardings',
+]
 
-import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-
-AXES = ('data', 'spatial')
-
-
-def mesh_shape(cfg: Any, num_devices: int) -> tuple[int, int]:
-  """(data, spatial) with a single -1 filled in."""
-  data, spatial = int(cfg.data), int(cfg.spatial)
-  if data == -1 and spatial == -1:
-    raise ValueError('only one of mesh.data / mesh.spatial may be -1')
-  if data == -1:
-    data = num_devices // spatial
-  if spatial == -1:
-    spatial = num_devices // data
-  if data * spatial != num_devices:
-    raise ValueError(
-      f'mesh data={data} x spatial={spatial} != {num_devices} devices'
-    )
-  return data, spatial
-
-
-def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
-  """The ('data', 'spatial') mesh; explicit sizes may use fewer devices."""
-  devices = jax.devices() if devices is None else list(devices)
-  want = int(cfg.data) * int(cfg.spatial)
-  if want > 0 and want < len(devices):
-    logging.warning(
-      'mesh %dx%d uses %d of %d devices',
-      cfg.data,
-      cfg.spatial,
-      want,
-      len(devices),
-    )
-    devices = devices[:want]
-  shape = mesh_shape(cfg, len(devices))
-  # Auto axes: GSPMD propagates shardings through the model (the step is
-  # written for jit with in/out shardings, not sharding-in-types).
-  auto = (AxisType.Auto,) * len(AXES)
-  if devices == jax.devices():
-    return jax.make_mesh(shape, AXES, axis_types=auto)
-  return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
-
-
-def batch_shardings(mesh: Mesh, batch: dict) -> dict:
-  """Per-key shardings: leading axis over 'data'; images' H over 'spatial'."""
-
-  def spec(key, x):
-    if key == 'image' and mesh.shape['spatial'] > 1:
-      return NamedSharding(mesh, P('data', 'spatial'))
-    return NamedSharding(mesh, P('data', *([None] * (np.ndim(x) - 1))))
-
-  return {k: spec(k, v) for k, v in batch.items()}
-
-
-def state_shardings(mesh: Mesh, abstract_state: Any, rules=()) -> Any:
-  """Replicated, except leaves whose path matches a (regex, spec) rule."""
-  replicated = NamedSharding(mesh, P())
-  if not rules:
-    return jax.tree.map(lambda _: replicated, abstract_state)
-  compiled = [(re.compile(rx), P(*spec)) for rx, spec in rules]
-
-  def pick(path, _):
-    name = jax.tree_util.keystr(path)
-    for rx, spec in compiled:
-      if rx.search(name):
-        return NamedSharding(mesh, spec)
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(pick, abstract_state)
+warnings.warn(
+  'effdet_jax.train.partitioning moved to effdet_jax.runtime.partitioning',
+  DeprecationWarning,
+  stacklevel=2,
+)

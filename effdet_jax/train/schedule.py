@@ -1,4 +1,8 @@
-"""Learning-rate schedules with the official TF1 semantics (fact sheet §7.2).
+"""Learning-rate schedules with the official TF1 semantics.
+
+Official: `efficientdet/det_model_fn.py: learning_rate_schedule` (and its
+`cosine_lr_schedule`, `stepwise_lr_schedule`, `polynomial_lr_schedule`),
+parameters from `update_learning_rate_schedule_parameters`:
 
 * adjusted_lr = learning_rate * global_batch / 64, and (TF1) the warmup
   start is scaled the same way;
@@ -9,7 +13,8 @@
 * polynomial: lr * (1 - step / total) ** power;
 * constant: lr after warmup.
 Durations are given in steps here; `steps_from_config` turns epochs into
-steps once the global batch is known (STYLE: in one place, at run time).
+steps once the global batch is known, at run time, and is the only place
+that does, so no two durations can disagree about the steps per epoch.
 """
 
 from __future__ import annotations

@@ -23,14 +23,8 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import api, files
 from effdet_jax.detection import anchors as anchors_lib
-from effdet_jax.train import (
-  checkpoint,
-  freeze,
-  init_from,
-  optimizer,
-  partitioning,
-  schedule,
-)
+from effdet_jax.runtime import checkpoint, partitioning
+from effdet_jax.train import freeze, init_from, optimizer, schedule
 from effdet_jax.train.state import TrainState
 from effdet_jax.train.train_step import make_train_step
 
@@ -238,7 +232,7 @@ def train_and_evaluate(
   # GPU/TPU machine that has JAX but no TensorFlow.
   from clu import periodic_actions  # noqa: PLC0415
 
-  from effdet_jax.train import metrics  # noqa: PLC0415
+  from effdet_jax.runtime import metrics  # noqa: PLC0415
 
   writer = metrics.create_writer(workdir)
   hooks = [
@@ -259,6 +253,10 @@ def train_and_evaluate(
   images_per_step = t.batch_size
   pending: list[dict] = []
   last_time, last_step = time.time(), start
+  # The ETA's rate leaves out the first log interval (it holds the compile)
+  # and the evaluations (their time is not the steps').
+  timed_steps, timed_s, tick = 0, 0.0, last_time
+  logging.info('training steps %d..%d of %d', start + 1, total, total)
   # Pending async saves are finished (and their threads joined) on every
   # exit: normal end, preemption, a non-finite step or any error.
   try:
@@ -284,19 +282,27 @@ def train_and_evaluate(
             )
           now = time.time()
           rate = (done - last_step) / max(now - last_time, 1e-9)
-          last_time, last_step = now, done
+          if last_step > start:
+            timed_steps += done - last_step
+            timed_s += now - tick
+          last_time, last_step, tick = now, done, now
           summary.update(
             steps_per_sec=rate,
             images_per_sec=rate * images_per_step,
             num_skipped=skipped,
           )
           writer.write_scalars(done, summary)
+          if jax.process_index() == 0:
+            steady = timed_steps / timed_s if timed_s > 0 else rate
+            eta = (total - done) / max(steady, 1e-9)
+            logging.info('%s', progress_line(done, total, summary, eta))
         eval_metrics = None
         if evaluate_fn and eval_every > 0 and done % eval_every == 0:
           eval_metrics = evaluate_fn(state, done)
           writer.write_scalars(
             done, {f'eval/{k}': v for k, v in eval_metrics.items()}
           )
+          tick = time.time()  # the ETA's rate counts steps only
         ckpt.save(done, state, metrics=eval_metrics)
         # Several processes agree on preemption at log steps only (it is a
         # collective); a single process checks after every step.
@@ -317,6 +323,26 @@ def train_and_evaluate(
     ckpt.close()
     writer.flush()
   return state
+
+
+def progress_line(
+  step: int, total: int, summary: dict[str, float], eta_s: float
+) -> str:
+  """The console line of a log step: `step N/TOTAL  loss X (cls Y, box Z)
+  lr L  R img/s  ETA hh:mm:ss`; `summary` has the step metrics' keys."""
+  eta = int(round(eta_s))
+  get = lambda key: summary.get(key, float('nan'))
+  parts = [
+    f'step {step}/{total}',
+    f'loss {get("loss"):.4f} (cls {get("cls_loss"):.4f}, '
+    f'box {get("box_loss"):.5f})',
+    f'lr {get("learning_rate"):.4g}',
+    f'{get("images_per_sec"):.1f} img/s',
+    f'ETA {eta // 3600:02d}:{eta // 60 % 60:02d}:{eta % 60:02d}',
+  ]
+  if summary.get('num_skipped'):
+    parts.append(f'skipped {int(summary["num_skipped"])}')
+  return '  '.join(parts)
 
 
 def _summarize(rows: list[dict]) -> dict[str, float]:

@@ -1,0 +1,80 @@
+"""Metric writers: TensorBoard (clu) and a JSON-lines file.
+
+Only process 0 writes. The console is not a metric writer: the trainer
+logs one line per log step (`train/trainer.py: progress_line`) and the
+evaluator its COCO table; `create_writer(..., log_to_console=True)` adds
+clu's one-line-per-write logging writer back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+METRICS_FILE = 'metrics.jsonl'
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl."""
+
+  def __init__(self, workdir: str):
+    self._path = os.path.join(workdir, METRICS_FILE)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    row = {'step': int(step)}
+    row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+
+  def write_summaries(self, step, values, metadata=None):  # noqa: D102
+    del step, values, metadata
+
+  def write_images(self, step, images):  # noqa: D102
+    del step, images
+
+  def write_videos(self, step, videos):  # noqa: D102
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):  # noqa: D102
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):  # noqa: D102
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):  # noqa: D102
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):  # noqa: D102
+    del hparams
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def create_writer(
+  workdir: str, log_to_console: bool = False
+) -> metric_writers.MetricWriter:
+  """TensorBoard + metrics.jsonl on process 0 (+ a logged line per write
+  with `log_to_console`, on every process)."""
+  console = [metric_writers.LoggingWriter()] if log_to_console else []
+  if jax.process_index() != 0:
+    return metric_writers.MultiWriter(console)
+  writers = [*console, metric_writers.SummaryWriter(workdir)]
+  # Object stores (gs://) cannot append: TensorBoard events only there.
+  if '://' not in workdir:
+    writers.append(JsonlWriter(workdir))
+  return metric_writers.MultiWriter(writers)
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """Rows of workdir/metrics.jsonl."""
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    return [json.loads(line) for line in f if line.strip()]
