@@ -18,8 +18,8 @@ on XLA:CPU put ~40 % of its time there). Labels are built in the fusion
 from class ids (no one-hot tensor), and levels are not concatenated (the
 gradient of a concatenation is a copy per level). XLA:CPU (jaxlib 0.10)
 still splits each pass into four or five fusions, one full-size array
-each, because it does not fuse an exp or log that has several users: in f32 on one device
-the C++ kernel (`native_focal`) computes both passes instead.
+each, because it does not fuse an exp or log that has several users: in
+f32 on one device the C++ kernel (`native_focal`) computes both passes.
 """
 
 from __future__ import annotations
