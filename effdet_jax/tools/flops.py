@@ -13,8 +13,8 @@ nothing is compiled) and apply the same rules per primitive; equations inside
 BatchNorm modules count zero (the official inference graph uses the fused
 BN op). The walk traces the plain forms (the 'xla' backend of
 `effdet_jax.ops`): a backend's custom calls would hide their arithmetic.
-`tf.nn.swish(x)` is `x * sigmoid(beta * x)`: two Mul ops, so a swish counts 2 per element where our `x * sigmoid(x)` has
-one multiply.
+`tf.nn.swish(x)` is `x * sigmoid(beta * x)`: two Mul ops, so a swish counts
+2 per element where our `x * sigmoid(x)` has one multiply.
 """
 
 from __future__ import annotations
