@@ -6,6 +6,17 @@ import pathlib
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# One persistent compilation cache for the test processes, the xdist workers
+# and the CLI runs they start: the same programs (the tiny training step,
+# the D0 forward) compile once per run instead of once per process.
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR',
+  str(
+    pathlib.Path(__file__).resolve().parents[1]
+    / '.pytest_cache'
+    / 'jax_compilation_cache'
+  ),
+)
 
 # Subprocesses (xdist workers, the CLI runs tests start) inherit the glibc
 # malloc tunables that `python -m effdet_jax.main` re-executes itself with:
