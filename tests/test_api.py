@@ -13,6 +13,7 @@ def d0_3cls():
   return effdet_jax.create_model('efficientdet-d0', num_classes=3)
 
 
+@pytest.mark.slow
 def test_create_apply_shapes(d0_3cls):
   model, variables = d0_3cls
   x = jnp.zeros((2, 128, 160, 3))
@@ -49,6 +50,7 @@ def test_save_load_roundtrip(d0_3cls, tmp_path):
     effdet_jax.load(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_train_mode_updates_bn_statistics(d0_3cls):
   model, variables = d0_3cls
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 128, 128, 3))
@@ -75,6 +77,7 @@ def test_train_mode_updates_bn_statistics(d0_3cls):
   np.testing.assert_array_equal(np.asarray(cls[0]), np.asarray(cls2[0]))
 
 
+@pytest.mark.slow
 def test_drop_connect_needs_and_uses_rng():
   model, variables = effdet_jax.create_model(
     'efficientdet-lite0', num_classes=2
@@ -90,6 +93,7 @@ def test_drop_connect_needs_and_uses_rng():
   assert np.abs(np.asarray(a[0]) - np.asarray(b[0])).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_f32_params_and_stats():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 128, 128, 3))
   m32, v = effdet_jax.create_model('efficientdet-d0', num_classes=3)

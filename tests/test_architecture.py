@@ -137,6 +137,7 @@ def test_initialisers_follow_official():
   assert np.abs(pw).max() <= 2 * std + 1e-6
 
 
+@pytest.mark.slow
 def test_non_multiple_sizes_follow_ceil_halving():
   # lite0 at 320 and lite2 at 448: P7 is 3 and 4
   # (`efficientdet/utils.py: get_feat_sizes`).

@@ -81,6 +81,7 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize('kernels', [False, True], ids=['jnp', 'kernels'])
+@pytest.mark.slow
 def test_cpu_blocks_compute_the_plain_blocks(kernels):
   """A whole small EfficientDet (every block form: stem, MBConv with and
   without expand/SE, BiFPN nodes, heads) on the two backends, with the

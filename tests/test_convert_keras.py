@@ -30,6 +30,7 @@ def d0_abstract():
   return cfg, jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
 
 
+@pytest.mark.slow
 def test_keras_h5_equals_tf_ema_and_official_outputs(oracle_dir, tmp_path):
   out = tmp_path / 'd0_keras'
   subprocess.run(

@@ -12,6 +12,7 @@ from effdet_jax.tools import summary
 
 
 @pytest.mark.parametrize('name', registry.model_names())
+@pytest.mark.slow
 def test_counts_equal_official(name, official_counts):
   ref = official_counts[name]
   s = summary.summarize(api.model_config(name))
@@ -23,6 +24,7 @@ def test_counts_equal_official(name, official_counts):
     assert s['flops'] == pytest.approx(ref['flops'], rel=0.02)
 
 
+@pytest.mark.slow
 def test_paper_table_flops_rounding(official_counts):
   # The paper's FLOPs column (`efficientdet/README.md`, table of section
   # "2. Pretrained EfficientDet Checkpoints"): D0 2.5B ... D7x 410B.
@@ -36,6 +38,7 @@ def test_paper_table_flops_rounding(official_counts):
     assert flops == pytest.approx(billions, rel=0.03)
 
 
+@pytest.mark.slow
 def test_flops_count_sees_through_the_cpu_kernels(official_counts):
   """With the CPU kernels on (one CPU device, as users run), the counted
   FLOPs are still the official ones: the custom calls (depthwise, the

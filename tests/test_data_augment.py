@@ -225,6 +225,7 @@ def test_levels_follow_official_level_to_arg():
 
 
 @pytest.mark.parametrize('policy', ['v0', 'v1', 'v2', 'v3', 'test', 'randaug'])
+@pytest.mark.slow
 def test_policies_run_in_tf_data_deterministically(policy):
   image, boxes = _painted(), BOXES
 

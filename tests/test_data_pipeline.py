@@ -155,6 +155,7 @@ def _synthetic(**kw):
   return testing.small_config(image_size=(64, 64), batch_size=4, **kw)
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches():
   def first(seed):
     config = _synthetic(autoaugment_policy='v0', seed=seed)

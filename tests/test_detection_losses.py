@@ -35,6 +35,7 @@ def _case(seed):
 
 
 @pytest.mark.parametrize('label_smoothing', [0.0, 0.1])
+@pytest.mark.slow
 def test_loss_equals_effdet(label_smoothing):
   effdet = import_effdet()
   import torch
@@ -126,6 +127,7 @@ def test_iou_family_hand_computed():
     assert float(losses.box_iou_family(a, a, kind)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_iou_loss_falls_as_prediction_improves():
   anc, t, _, cls_out, box_out = _case(2)
   zero = [np.zeros_like(b) for b in box_out]

@@ -22,6 +22,7 @@ def _random_case(rng, k):
 
 
 @pytest.mark.parametrize('variant', ['hard', 'soft'])
+@pytest.mark.slow
 def test_nms_equals_tensorflow(variant):
   rng = np.random.default_rng(0 if variant == 'hard' else 1)
   sigma = 0.25 if variant == 'soft' else 0.0

@@ -57,6 +57,7 @@ def _random_batch(rng, batch, max_boxes=100):
   return boxes, classes
 
 
+@pytest.mark.slow
 def test_assignment_equals_effdet_labeler(d0_anchors):
   effdet = import_effdet()
   import torch
@@ -136,6 +137,7 @@ small_boxes = st.lists(
 
 @settings(max_examples=40, deadline=None)
 @given(items=small_boxes, perm_seed=st.integers(0, 1000), pad=st.integers(0, 4))
+@pytest.mark.slow
 def test_assignment_invariant_to_order_and_padding(items, perm_seed, pad):
   anchors_ = anchors.generate_anchors(256, 3, 7, 3, (1.0, 2.0, 0.5), 4.0)
   arr = np.array([[y, x, y + h, x + w] for y, x, h, w, _ in items], np.float32)
@@ -164,6 +166,7 @@ def test_assignment_invariant_to_order_and_padding(items, perm_seed, pad):
 
 @settings(max_examples=60, deadline=None)
 @given(idx=st.integers(0, 12275), cls=st.integers(1, 90))
+@pytest.mark.slow
 def test_box_equal_to_anchor_is_positive(idx, cls):
   anchors_ = anchors.generate_anchors(256, 3, 7, 3, (1.0, 2.0, 0.5), 4.0)
   t = targets.assign(anchors_, anchors_[idx][None, None], jnp.array([[cls]]))

@@ -59,6 +59,7 @@ def bccd_subset(tmp_path_factory):
   return path, src / 'images'
 
 
+@pytest.mark.slow
 def test_coco_json_run_equals_pycocotools_on_written_files(
   bccd_subset, variables, tmp_path
 ):
@@ -162,6 +163,7 @@ def test_ground_truth_built_from_synthetic_batches(variables):
     assert a['area'] == pytest.approx(a['bbox'][2] * a['bbox'][3])
 
 
+@pytest.mark.slow
 def test_evaluate_fn_and_mode_eval_restore_the_same_weights(
   variables, tmp_path
 ):

@@ -107,6 +107,7 @@ def exported(tmp_path_factory):
   return tiny, out
 
 
+@pytest.mark.slow
 def test_saved_model_has_no_cpu_kernel_custom_calls(exported):
   """The export traces with the 'xla' backend, whatever the process runs:
   a SavedModel cannot carry the XLA:CPU kernels (custom calls 'Effdet*'
@@ -116,6 +117,7 @@ def test_saved_model_has_no_cpu_kernel_custom_calls(exported):
   assert b'Effdet' not in graph
 
 
+@pytest.mark.slow
 def test_saved_model_equals_predict(exported, photos, tmp_path):
   tiny, saved_model = exported
   inputs = tmp_path / 'images.npz'
@@ -152,6 +154,7 @@ def test_saved_model_equals_predict(exported, photos, tmp_path):
     assert out['boxes'][0, :n, 3].max() <= w
 
 
+@pytest.mark.slow
 def test_tflite_reports_why_it_cannot(exported, tmp_path):
   """TFLite either converts, or fails with a clear message (today: the
   converter cannot legalize this model's StableHLO)."""

@@ -81,6 +81,7 @@ def _one_bccd_batch(config):
   return batches
 
 
+@pytest.mark.slow
 def test_freeze_changes_only_unfrozen_leaves(converted, tmp_path, caplog):
   bccd = shared_path('data', 'bccd')
   src_dir, src = converted

@@ -35,6 +35,7 @@ def photos():
   return sorted(folder.iterdir())[:3]
 
 
+@pytest.mark.slow
 def test_predict_equals_the_eval_path_by_hand(tiny, photos):
   """predict == eval preprocessing (data pipeline) + apply + global
   post-processing, boxes in original pixels."""
@@ -113,6 +114,7 @@ def test_draw_puts_the_box_where_it_belongs():
   assert (image == 128).all()  # the input is not modified
 
 
+@pytest.mark.slow
 def test_infer_folder_skips_a_corrupt_image(tiny, photos, tmp_path):
   model, variables = tiny
   ckpt = tmp_path / 'ckpt'

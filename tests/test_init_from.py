@@ -112,6 +112,7 @@ def test_typo_in_scope_is_an_error(oracle_dir, tmp_path, d0_abstract):
     convert_tf_backbone(prefix, d0_abstract, BB)
 
 
+@pytest.mark.slow
 def test_backbone_init_from_gives_checkpoint_backbone_and_fresh_rest(
   backbone_ckpt, tmp_path
 ):
@@ -151,6 +152,7 @@ def test_backbone_init_from_gives_checkpoint_backbone_and_fresh_rest(
     )
 
 
+@pytest.mark.slow
 def test_advprop_backbone_is_fed_minus_one_to_one(backbone_ckpt, tmp_path):
   """AdvProp weights want x * 2 / 255 - 1 (official `scale_range` with mean
   0, std 1); `--advprop` records it, init_from enforces it."""

@@ -162,6 +162,7 @@ print(sorted(per_call)[3])
 """
 
 
+@pytest.mark.slow
 def test_inline_dispatch_keeps_the_step_buffer_on_the_main_heap(tmp_path):
   """With asynchronous dispatch a pool thread allocates XLA's temporary
   buffer, from a thread arena that must `mmap` it afresh on every call

@@ -450,6 +450,7 @@ def test_expand_depthwise_matches_unfused(shape, width, k, stride, pooled):
     assert _rel(a, b) < 1e-5
 
 
+@pytest.mark.slow
 def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
   import effdet_jax
 
@@ -537,6 +538,7 @@ def test_pointwise_affine_act_matches_unfused(shape, n, act):
     ((5, 6), 2, 7, 16),  # 63 patch channels, at the kernel's limit
   ],
 )
+@pytest.mark.slow
 def test_im2col_affine_act_matches_conv(size, stride, cin, n):
   """The stem's conv + inference BN + swish from the padded image in one
   kernel (patches gathered per group of pixels) against XLA's convolution
@@ -735,6 +737,7 @@ def test_pointwise_affine_act_leaves_other_shapes_to_jnp():
 @pytest.mark.parametrize(
   'act', [plain_layers.swish, None, jax.nn.relu, plain_layers.relu6]
 )
+@pytest.mark.slow
 def test_pointwise_bn_train_matches_unfused(shape, n, act):
   """The expand conv + training BN + activation (statistics summed as the
   product is written; a backward that never writes the product's
@@ -792,6 +795,7 @@ def _tiny_model(fpn_num_filters: int = 24):
   )
 
 
+@pytest.mark.slow
 def test_model_inference_matches_jnp_forms():
   """A whole (small) EfficientDet in inference mode (the depthwise
   epilogue, the gated projection), with the kernels and with the jnp
@@ -816,6 +820,7 @@ def test_model_inference_matches_jnp_forms():
 
 
 @pytest.mark.parametrize('fpn_num_filters', [24, 32])
+@pytest.mark.slow
 def test_model_train_mode_gradients_match_jnp_forms(fpn_num_filters):
   """A whole (small) EfficientDet in train mode: outputs, new batch stats
   and parameter gradients, with the kernels and with the jnp forms. With
@@ -875,6 +880,7 @@ def test_disabled_by_environment():
   assert out.stdout.strip() == 'False'
 
 
+@pytest.mark.slow
 def test_backend_switch_keeps_custom_calls_out():
   """The backend switch chooses the CPU kernels for the whole model: 'xla'
   (what TPUs and GPUs run, and what export writes: a SavedModel cannot

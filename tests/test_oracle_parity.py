@@ -44,6 +44,7 @@ def converted(request, oracle_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize('backend', ['xla', 'cpu'])
+@pytest.mark.slow
 def test_official_d0_parity(oracle_dir, converted, backend):
   """Both backends by themselves: the plain forms ('xla', what TPUs and
   GPUs run) and the CPU package's kernels and fusions."""
@@ -79,6 +80,7 @@ def test_other_model_checkpoint_fails_with_names(oracle_dir):
   assert 'shape mismatches' in msg or 'without a source' in msg
 
 
+@pytest.mark.slow
 def test_checkpoint_without_ema_needs_flag(oracle_dir, tmp_path):
   import tensorflow as tf
 

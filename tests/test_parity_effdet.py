@@ -51,6 +51,7 @@ def _randomise(model, torch, seed):
 
 @pytest.mark.parametrize('backend', ['xla', 'cpu'])
 @pytest.mark.parametrize('ref_name,name,size', CASES, ids=[c[1] for c in CASES])
+@pytest.mark.slow
 def test_effdet_parity(ref_name, name, size, backend):
   """Both backends: the plain forms ('xla') and the CPU package's."""
   effdet = import_effdet()
@@ -95,6 +96,7 @@ def test_effdet_parity(ref_name, name, size, backend):
     assert diff <= tol
 
 
+@pytest.mark.slow
 def test_effdet_state_dict_file_through_cli(tmp_path):
   """`python -m effdet_jax.convert --source=effdet` on a saved `.pth`."""
   import subprocess

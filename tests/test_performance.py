@@ -64,6 +64,7 @@ def test_conv_1x1_as_dot_equals_convolution(stride):
 
 
 @pytest.mark.parametrize('mode', ['forward', 'e2e', 'train'])
+@pytest.mark.slow
 def test_benchmark_mode_reports_the_documented_keys(mode):
   config = tiny_config(batch_size=2)
   row = benchmark.run(
@@ -109,6 +110,7 @@ print(float(f(jnp.ones((64, 64))).sum()))
   assert sorted((tmp_path / 'cache').iterdir()) == sorted(files)
 
 
+@pytest.mark.slow
 def test_train_step_builds_without_tensorflow():
   """GPU/TPU images often have JAX but no TensorFlow: the benchmark's train
   mode (the Trainer and its jitted step) must not import it; only the

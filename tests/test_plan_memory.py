@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 from conftest import REPO
 
 from effdet_jax import config_files
@@ -23,6 +24,7 @@ def test_topology_names():
   assert plan_memory.parse_mesh('spatial:2') == (1, 2)
 
 
+@pytest.mark.slow
 def test_cli_json_and_memory_falls_with_spatial():
   env = dict(os.environ, XLA_FLAGS='')
   out = subprocess.run(

@@ -9,6 +9,7 @@ from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer, train_and_evaluate
 
 
+@pytest.mark.slow
 def test_restore_onto_a_different_mesh(tmp_path):
   config = tiny_config()
   config.mesh.data = 8
@@ -30,6 +31,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_or_stops_the_run(tmp_path):
   config = tiny_config(num_steps=4, skip_nonfinite=False)
   config.mesh.data = 1

@@ -51,6 +51,7 @@ def _det_losses(workdir):
 
 
 @pytest.mark.parametrize('source', ['synthetic', 'coco_json'])
+@pytest.mark.slow
 def test_detection_loss_halves(source, tmp_path):
   if source == 'coco_json':
     root = shared_path('data', 'bccd')

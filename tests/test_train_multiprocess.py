@@ -13,11 +13,15 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import REPO
 
 from effdet_jax import config_files
 from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer
+
+# CLI subprocess runs: real training processes (CI runs them).
+pytestmark = pytest.mark.slow
 
 
 def _env(devices):

@@ -35,6 +35,7 @@ def _np_losses(cls, box, cls_t, box_t, num_pos, num_classes):
 
 
 @pytest.mark.parametrize('backend', ['xla', 'cpu'])
+@pytest.mark.slow
 def test_train_step_matches_official_formulas(oracle_dir, tmp_path, backend):
   """On both backends: the plain forms ('xla') and the CPU package's."""
   with ops.use_backend(backend):

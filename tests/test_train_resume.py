@@ -9,11 +9,15 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from conftest import REPO
 
 from effdet_jax import config_files
 from effdet_jax.runtime import checkpoint
 from effdet_jax.train.trainer import Trainer
+
+# CLI subprocess runs: real training processes (CI runs them).
+pytestmark = pytest.mark.slow
 
 
 def _cmd(workdir, *extra):
