@@ -36,6 +36,7 @@ def test_bad_inputs_fail_before_compilation(d0_3cls):
     effdet_jax.create_model('efficientdet-d0', num_clases=3)
 
 
+@pytest.mark.slow
 def test_save_load_roundtrip(d0_3cls, tmp_path):
   model, variables = d0_3cls
   cfg = effdet_jax.model_config('efficientdet-d0', num_classes=3)

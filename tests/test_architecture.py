@@ -113,6 +113,7 @@ def test_d0_variable_names_mirror_official_scopes():
   assert 'params/fpn_cells/cell_2/fnode4/WSM_2' in names
 
 
+@pytest.mark.slow
 def test_sum_fusion_has_no_weights_and_p8():
   names = _names('efficientdet-d7x')
   assert not any('WSM' in n for n in names)
@@ -120,6 +121,7 @@ def test_sum_fusion_has_no_weights_and_p8():
   assert 'params/box_net/box-0-bn-8/scale' in names
 
 
+@pytest.mark.slow
 def test_initialisers_follow_official():
   model, v = effdet_jax.create_model('efficientdet-d0')
   p = v['params']

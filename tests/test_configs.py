@@ -82,6 +82,7 @@ def _summary(*flags):
   )
 
 
+@pytest.mark.slow
 def test_command_line_override_and_typo():
   ok = _summary('--config.model.num_classes=3', '--format=json')
   assert ok.returncode == 0, ok.stderr

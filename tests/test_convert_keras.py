@@ -91,6 +91,7 @@ def _edited_h5(src, dst, rename):
       group.attrs['weight_names'] = np.array([n.encode() for n in new])
 
 
+@pytest.mark.slow
 def test_keras_h5_gaps_are_errors_listing_names(
   oracle_dir, tmp_path, d0_abstract
 ):

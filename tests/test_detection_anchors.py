@@ -39,6 +39,7 @@ TOTALS = {
 
 
 @pytest.mark.parametrize('name', sorted(TOTALS))
+@pytest.mark.slow
 def test_anchor_totals_and_effdet_formula(name):
   effdet = import_effdet()
   cfg = effdet_jax.model_config(name)

@@ -111,6 +111,7 @@ def test_postprocess_equals_official(oracle_dir, mode):
   )
 
 
+@pytest.mark.slow
 def test_postprocess_topk_scale_and_nonfinite():
   rng = np.random.default_rng(0)
   anc = anchors.generate_anchors(128, 3, 7, 3, (1.0, 2.0, 0.5), 4.0)

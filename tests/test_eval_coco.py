@@ -124,6 +124,7 @@ def test_ground_truth_fed_back_scores_one():
 
 
 @pytest.mark.parametrize('name', DATASETS)
+@pytest.mark.slow
 def test_jittered_equals_pycocotools_directly(name, tmp_path):
   dataset = _annotations(name)
   results = _jittered(dataset, seed=1)
@@ -205,6 +206,7 @@ def test_non_contiguous_ids_as_class_ids_and_unknown_classes():
   np.testing.assert_allclose(ours, reference.stats, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ground_truth_built_from_batches_equals_the_json():
   """No json: ground truth from (image ids, sizes, yxyx boxes, classes,
   crowd flags) scores like the json itself (bccd's area is w * h, which is

@@ -119,6 +119,7 @@ def test_label_map_has_only_the_models_classes(tmp_path):
   assert cm.for_model(2) == label_maps.ClassMap({1: 'a', 2: 'b'}, {1: 7, 2: 9})
 
 
+@pytest.mark.slow
 def test_ground_truth_built_from_synthetic_batches(variables):
   """Synthetic shapes (no json): the built ground truth is the source's
   boxes in original pixels (160x96 images in a 128x128 network input, so

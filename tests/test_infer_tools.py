@@ -154,6 +154,7 @@ def test_infer_folder_skips_a_corrupt_image(tiny, photos, tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_infer_gif_video(tiny, tmp_path):
   rng = np.random.default_rng(0)
   frames = [

@@ -324,6 +324,7 @@ def test_focal_loss_is_deterministic_and_propagates_nan():
 @pytest.mark.parametrize(
   'act', [None, plain_layers.swish, jax.nn.relu, plain_layers.relu6]
 )
+@pytest.mark.slow
 def test_depthwise_affine_act_epilogue_matches_unfused(k, stride, act):
   """The inference BN + activation applied as the depthwise kernel stores
   its outputs; 19 channels: a 16-block and the scalar tail. The gradient
@@ -405,6 +406,7 @@ def test_depthwise_affine_act_pooled_matches_unfused(k, stride):
     ((1, 1, 1, 3), 16, 3, 2, True),  # a window of padding and one row
   ],
 )
+@pytest.mark.slow
 def test_expand_depthwise_matches_unfused(shape, width, k, stride, pooled):
   """An MBConv block's expand + depthwise layers in one kernel (the
   expanded rows computed into a ring as the depthwise loop needs them)
@@ -491,6 +493,7 @@ def test_inference_se_squeeze_comes_from_the_depthwise_kernel():
 @pytest.mark.parametrize(
   'act', [None, plain_layers.swish, jax.nn.relu, plain_layers.relu6]
 )
+@pytest.mark.slow
 def test_pointwise_affine_act_matches_unfused(shape, n, act):
   """A 1x1 conv + inference BN + activation in one pass (the expand
   layers' inference form), against dot-then-affine; gradients through the
@@ -587,6 +590,7 @@ def test_im2col_affine_act_matches_conv(size, stride, cin, n):
     ((6, 5), 2, 7, 40),  # 63 patch channels (the limit), runs of 21
   ],
 )
+@pytest.mark.slow
 def test_im2col_conv_train_matches_conv(size, stride, cin, n):
   """The conv alone (the stem in training, its BN after it) from the
   padded image, and its kernel gradient read from the image too (no patch
@@ -929,6 +933,7 @@ def _fusion_jnp(xs, weights, act):
 @pytest.mark.parametrize('n,channels', [(2, 64), (3, 24), (3, 7)])
 @pytest.mark.parametrize('per_channel', [False, True])
 @pytest.mark.parametrize('act', [plain_layers.swish, jax.nn.relu, None])
+@pytest.mark.slow
 def test_fast_fusion_act_matches_jnp(n, channels, per_channel, act):
   """Value and gradients (inputs and weights) against the jnp form; one
   weight negative (relu'd to 0, no gradient), channel counts with 8-wide
@@ -965,6 +970,7 @@ def test_fast_fusion_act_matches_jnp(n, channels, per_channel, act):
 
 
 @pytest.mark.parametrize('method', ['fastattn', 'channel_fastattn'])
+@pytest.mark.slow
 def test_bifpn_node_takes_the_fusion_kernel_in_training(method, monkeypatch):
   """An FNode in training runs `native_fusion` (the custom call is in the
   compiled step) and equals the jnp form, loss and all gradients."""

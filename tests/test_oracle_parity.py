@@ -69,6 +69,7 @@ def test_ema_and_raw_weights_differ(oracle_dir):
   assert np.abs(a - b).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_other_model_checkpoint_fails_with_names(oracle_dir):
   from effdet_jax.convert import ConversionError, convert
 

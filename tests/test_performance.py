@@ -18,6 +18,7 @@ from effdet_jax.tools import benchmark
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_fused_focal_loss_equals_textbook_form(dtype):
   """Value and gradient equal the official formula
   (`efficientdet/det_model_fn.py: focal_loss`) on one-hot labels,
@@ -44,6 +45,7 @@ def test_fused_focal_loss_equals_textbook_form(dtype):
 
 
 @pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.slow
 def test_conv_1x1_as_dot_equals_convolution(stride):
   """`layers.Conv` (dot for 1x1 stride 1, lax conv otherwise) equals
   flax's nn.Conv with the same parameters, forward and kernel gradient."""
@@ -82,6 +84,7 @@ def test_matmul_peak_is_plausible():
   assert 1e8 < peak < 1e15
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_switched_by_config(tmp_path):
   """A run with `compilation_cache.dir` writes compiled programs there; a
   second process finds them (cache hits are logged by JAX)."""
