@@ -28,18 +28,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from effdet_jax.cpu import native_batch_norm
+from effdet_jax.models.batch_norm import moments
 
 Array = jax.Array
 Activation = Callable[[Array], Array] | None
-
-
-def _moments(x: Array) -> tuple[Array, Array]:
-  """Per-channel mean and (fast) variance over all but the last axis."""
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.float32)
-  mean = jnp.mean(xf, axis=axes)
-  mean2 = jnp.mean(xf * xf, axis=axes)
-  return mean, jnp.maximum(mean2 - mean * mean, 0.0)
 
 
 def _apply(act: Activation, z: Array) -> Array:
@@ -64,7 +56,7 @@ def _fwd(x, scale, bias, epsilon, act):
     y, mean, var = native_batch_norm.forward(x, scale, bias, epsilon, act)
     rstd = lax.rsqrt(var + epsilon)
   else:
-    mean, var = _moments(x)
+    mean, var = moments(x)
     rstd = lax.rsqrt(var + epsilon)
     z = (x.astype(jnp.float32) - mean) * (rstd * scale) + bias
     y = _apply(act, z).astype(x.dtype)
