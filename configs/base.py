@@ -59,6 +59,10 @@ def get_config(
       freeze_bn_stats=False,  # True: frozen layers' BN moving stats fixed
       remat=False,  # gradient checkpointing of backbone blocks, BiFPN cells
       skip_nonfinite=False,  # skip (and count) non-finite steps, else stop
+      # Stop when a step's loss exceeds this multiple of the median of the
+      # last `divergence_window` losses (train/divergence.py); 0 = off.
+      divergence_factor=100.0,
+      divergence_window=100,
       log_every_steps=50,
       profile_steps=0,  # > 0: a profiler window of this many steps
       seed=0,

@@ -35,7 +35,7 @@ BCCD_IMAGES = '../shared/data/bccd/images'
 
 
 def get_config(arg: str | None = None):
-  args = set((arg or '').split(','))
+  args = config_files.parse_arg(arg, ('bccd', 'runlocal'), __file__)
   config = base.get_config('efficientdet-d0')
   m, d, t = config.model, config.data, config.train
 

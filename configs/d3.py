@@ -11,5 +11,5 @@ base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):
-  del arg
+  config_files.parse_arg(arg, (), __file__)  # takes none: FILE:x fails
   return base.get_config('efficientdet-d3')

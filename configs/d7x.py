@@ -11,7 +11,7 @@ base = config_files.load_module('base', near=__file__)
 
 
 def get_config(arg: str | None = None):
-  del arg
+  config_files.parse_arg(arg, (), __file__)  # takes none: FILE:x fails
   config = base.get_config('efficientdet-d7x')
   # The official large-model recipe: bf16 compute, recomputed activations.
   config.model.dtype = 'bfloat16'

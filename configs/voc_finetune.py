@@ -38,7 +38,7 @@ VOC_FREEZE = '(efficientnet|fpn_cells|resample_p6)'  # official expression
 
 
 def get_config(arg: str | None = None):
-  del arg
+  config_files.parse_arg(arg, (), __file__)  # takes none: FILE:x fails
   config = base.get_config('efficientdet-d0')
   config.model.num_classes = 21
   d = config.data

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from effdet_jax import registry
+from effdet_jax import model_checks, registry
 from effdet_jax.models import efficientnet
 from effdet_jax.models.efficientdet import EfficientDet
 
@@ -180,8 +180,7 @@ def load(path: str) -> ModelAndVariables:
       f'{path} has no {MODEL_CONFIG_FILE}; expected a directory written by '
       '`python -m effdet_jax.convert` or effdet_jax.api.save'
     )
-  with open(cfg_file) as f:
-    cfg = json.load(f)
+  cfg = model_checks.read_model_config(cfg_file)
   for key in ('image_size', 'aspect_ratios', 'mean_rgb', 'stddev_rgb'):
     if isinstance(cfg.get(key), list):
       cfg[key] = tuple(cfg[key])

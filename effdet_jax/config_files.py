@@ -8,6 +8,7 @@ config does the same through this module:
 
   config = config_files.load('demo:test')  # get_config('test')
   base = config_files.load_module('base', near=__file__)  # in a config file
+  args = config_files.parse_arg(arg, ('test',), __file__)  # in get_config
 
 A name ('d0', 'd0.py') is looked up beside `near` (the calling config
 file), then in `DEFAULT_CONFIG_DIR`; any existing path is taken as it is,
@@ -20,6 +21,7 @@ import importlib.util
 import os
 import pathlib
 import types
+from collections.abc import Sequence
 from typing import Any
 
 # The repository's configs/ (beside the effdet_jax package of a source
@@ -84,3 +86,34 @@ def load(spec: str | os.PathLike, near: str | os.PathLike | None = None) -> Any:
     text, arg = text.rsplit(':', 1)
   module = load_module(text, near)
   return module.get_config() if arg is None else module.get_config(arg)
+
+
+def parse_arg(
+  arg: str | None,
+  accepted: Sequence[str] = (),
+  config: str | os.PathLike | None = None,
+) -> set[str]:
+  """The comma-separated words of a config's argument (`FILE:ARG`).
+
+  For `get_config(arg)` of a config file (`config`, its `__file__`, names
+  it in the message). Raises ValueError for a word not in `accepted` (no
+  word is accepted by default), listing the accepted ones: a typo
+  (`demo.py:tset`) would otherwise silently run the full config.
+  """
+  words = {w.strip() for w in (arg or '').split(',')} - {''}
+  unknown = sorted(words - set(accepted))
+  if unknown:
+    where = f'config {pathlib.Path(config).name}' if config else 'the config'
+    takes = 'takes no argument'
+    if len(accepted) == 1:
+      takes = f'accepts {accepted[0]!r} or no argument'
+    elif accepted:
+      takes = (
+        f'accepts {", ".join(repr(a) for a in accepted)} (any of them, '
+        'comma-separated) or no argument'
+      )
+    raise ValueError(
+      f'unknown argument {", ".join(repr(w) for w in unknown)}: {where} '
+      f'{takes} (--config=FILE:ARG)'
+    )
+  return words

@@ -36,6 +36,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
+import traceback
 
 import jax
 from absl import app, flags
@@ -127,7 +130,60 @@ def _initialize_distributed(f: flags.FlagValues) -> None:
     jax.distributed.initialize()  # TPU pod slice: auto-detected
 
 
+ERROR_LOG = 'error.log'
+_MAX_MESSAGE_LINES = 20
+
+
+def _fail(err: BaseException, workdir: str | None, verbose: bool) -> None:
+  """Ends the program on an error: the full traceback goes to
+  `WORKDIR/error.log` (appended), the console gets the error's message
+  (its first lines) and where the detail is; exit status 1."""
+  detail = ''.join(traceback.format_exception(err))
+  where = 'not written (no workdir)'
+  if workdir:
+    path = os.path.join(workdir, ERROR_LOG)
+    try:
+      from etils import epath  # noqa: PLC0415
+
+      log = epath.Path(path)
+      log.parent.mkdir(parents=True, exist_ok=True)
+      old = log.read_text() if log.exists() else ''
+      stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+      log.write_text(f'{old}--- {stamp} pid {os.getpid()}\n{detail}\n')
+      where = path
+    except Exception as write_err:  # noqa: BLE001 - e.g. a full disk
+      where = f'not written ({type(write_err).__name__}: {write_err})'
+  lines = (str(err).strip() or type(err).__name__).splitlines()
+  if len(lines) > _MAX_MESSAGE_LINES:
+    lines = lines[:_MAX_MESSAGE_LINES] + ['...']
+  if verbose:
+    sys.stderr.write(detail)
+  sys.stderr.write(
+    f'error ({type(err).__name__}): ' + '\n'.join(lines) + '\n'
+    f'full traceback: {where}\n'
+  )
+  sys.stderr.flush()
+  # os._exit: orbax/tensorstore threads would otherwise print pages of
+  # shutdown noise after the message, or keep the process alive.
+  logging.shutdown()
+  os._exit(1)
+
+
 def main(argv):
+  f = flags.FLAGS
+  try:
+    _main(argv)
+  except (SystemExit, app.UsageError):
+    raise
+  except KeyboardInterrupt:
+    sys.stderr.write('interrupted (no checkpoint saved)\n')
+    sys.stderr.flush()
+    os._exit(130)
+  except Exception as err:  # noqa: BLE001 - one message, detail in the log
+    _fail(err, f.workdir, f.verbose)
+
+
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS

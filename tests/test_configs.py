@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from effdet_jax import api, registry
+from effdet_jax import api, config_files, registry
 
 CONFIG_FILES = sorted(
   p.name
@@ -91,3 +91,33 @@ def test_command_line_override_and_typo():
   bad = _summary('--config.model.num_clases=3')
   assert bad.returncode != 0
   assert 'num_clases' in bad.stderr
+
+
+# The arguments each config's get_config accepts (`--config=FILE:ARG`).
+CONFIG_ARGS = {'demo.py': ('test',), 'custom.py': ('bccd', 'runlocal')}
+
+
+@pytest.mark.parametrize('name', CONFIG_FILES)
+def test_config_argument_typo_fails(name):
+  accepted = CONFIG_ARGS.get(name, ())
+  with pytest.raises(
+    ValueError, match=f"unknown argument 'tset': config {name}"
+  ):
+    config_files.load(f'{name}:tset')
+  for word in accepted:
+    with pytest.raises(ValueError, match=repr(word)):  # listed in the message
+      config_files.load(f'{name}:tset')
+  if not accepted:
+    with pytest.raises(ValueError, match='takes no argument'):
+      config_files.load(f'{name}:tset')
+  # What it accepts still works, alone and together; '' is no argument.
+  config_files.load(f'{name}:')
+  for arg in (*accepted, ','.join(accepted)):
+    if arg:
+      config_files.load(f'{name}:{arg}')
+
+
+def test_config_argument_changes_the_config():
+  assert config_files.load('demo:test').train.num_steps == 6
+  assert config_files.load('demo').train.num_steps == 420
+  assert config_files.load('custom:bccd,runlocal').train.num_steps == 20

@@ -103,6 +103,25 @@ def test_category_ids_not_covered_by_num_classes(tmp_path):
   )
 
 
+def test_num_classes_hint_follows_category_ids(tmp_path):
+  """Categories already 1..K: 'contiguous' gives the same class ids as
+  'keep', so the hint must not suggest the setting the run already has."""
+  cats = [dict(id=1, name='cat'), dict(id=2, name='dog')]
+  anns = [dict(id=1, image_id=1, category_id=2, bbox=[2, 3, 5, 5])]
+  path, folder = _write(tmp_path, anns=anns, cats=cats)
+  msg = _fails(
+    _config(path, folder, num_classes=1),  # category_ids='contiguous'
+    'class ids 2 are not covered by model.num_classes=1',
+    'Set model.num_classes = 2',
+  )
+  assert 'category_ids' not in msg
+  _fails(
+    _config(path, folder, num_classes=1, category_ids='keep'),
+    'Set model.num_classes >= 2',
+    "data.category_ids='contiguous'",
+  )
+
+
 def test_zero_category_id_is_not_a_class(tmp_path):
   cats = [dict(id=0, name='cat'), dict(id=1, name='dog')]
   anns = [dict(id=1, image_id=1, category_id=0, bbox=[2, 3, 5, 5])]

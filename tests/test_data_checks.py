@@ -5,6 +5,7 @@ import json
 import shutil
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow as tf
 from conftest import shared_path
@@ -157,3 +158,85 @@ def test_too_many_boxes_are_cut_and_counted(tmp_path):
     batch['classes'].shape == (2, 5) and (batch['classes'][0] > 0).sum() == 5
   )
   assert stats.counts['too_many_boxes'] == 2
+
+
+def _voc_xml(stem, width='64'):
+  return (
+    f'<annotation><filename>{stem}.png</filename><size><width>{width}'
+    '</width><height>48</height><depth>3</depth></size><object><name>cell'
+    '</name><difficult>0</difficult><bndbox><xmin>2</xmin><ymin>3</ymin>'
+    '<xmax>30</xmax><ymax>20</ymax></bndbox></object></annotation>'
+  )
+
+
+@pytest.fixture()
+def voc_dataset(tmp_path):
+  """A VOC-form folder: a.xml and b.xml are fine, c.xml is truncated,
+  d.xml has a width that is not a number."""
+  xml, images = tmp_path / 'xml', tmp_path / 'images'
+  xml.mkdir()
+  images.mkdir()
+  for stem in 'abcd':
+    PIL.Image.new('RGB', (64, 48), (90, 120, 30)).save(images / f'{stem}.png')
+  (xml / 'a.xml').write_text(_voc_xml('a'))
+  (xml / 'b.xml').write_text(_voc_xml('b'))
+  (xml / 'c.xml').write_text(_voc_xml('c')[:70])
+  (xml / 'd.xml').write_text(_voc_xml('d', width='sixty-four'))
+  label_map = tmp_path / 'map.json'
+  label_map.write_text('{"cell": 1}')
+  return xml, images, label_map
+
+
+def _voc_convert(xml, images, label_map, output, **kw):
+  return create_tfrecord.convert(
+    'voc',
+    str(xml),
+    str(images),
+    str(output),
+    num_shards=1,
+    label_map=str(label_map),
+    **kw,
+  )
+
+
+def test_voc_corrupt_xml_is_skipped_and_named(
+  voc_dataset, tmp_path, caplog, capsys
+):
+  xml, images, label_map = voc_dataset
+  skipped = _voc_convert(xml, images, label_map, tmp_path / 'r')
+  assert skipped['corrupt_xml'] == 2
+  records = list(
+    tf.data.TFRecordDataset(str(tmp_path / 'r-00000-of-00001.tfrecord'))
+  )
+  names = [
+    tf.train.Example.FromString(r.numpy())
+    .features.feature['image/filename']
+    .bytes_list.value[0]
+    for r in records
+  ]
+  assert names == [b'a.png', b'b.png']
+  coco = json.loads((tmp_path / 'json_r.json').read_text())
+  assert [im['file_name'] for im in coco['images']] == ['a.png', 'b.png']
+  assert len(coco['annotations']) == 2  # nothing of c or d
+  warnings = [r.getMessage() for r in caplog.records]
+  for stem, error in (('c', 'no element found'), ('d', 'sixty-four')):
+    assert any(
+      str(xml / f'{stem}.xml') in w and error in w for w in warnings
+    ), warnings
+  assert 'corrupt_xml: 2' in capsys.readouterr().out  # the final summary
+
+
+def test_voc_corrupt_xml_strict_or_all_bad_fails(voc_dataset, tmp_path):
+  xml, images, label_map = voc_dataset
+  with pytest.raises(ValueError, match='corrupt VOC annotation .*c.xml'):
+    _voc_convert(xml, images, label_map, tmp_path / 's', strict=True)
+  for stem in 'ab':
+    (xml / f'{stem}.xml').unlink()
+  with pytest.raises(
+    ValueError, match=f'none of the 2 VOC annotations in {xml}'
+  ):
+    _voc_convert(xml, images, label_map, tmp_path / 'r')
+  for stem in 'cd':
+    (xml / f'{stem}.xml').unlink()
+  with pytest.raises(ValueError, match='no VOC annotations'):
+    _voc_convert(xml, images, label_map, tmp_path / 'r')

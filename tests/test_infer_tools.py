@@ -178,3 +178,63 @@ def test_infer_gif_video(tiny, tmp_path):
     assert drawn.n_frames == 3 and drawn.size == (96, 64)
   dets = json.loads((out / 'detections.json').read_text())
   assert sorted({d['image_id'] for d in dets}) == [0, 1, 2]
+
+
+class _NoPredictor:
+  """Never asked: nothing in these inputs decodes."""
+
+  batch_size = 2
+
+  def predict_arrays(self, *args, **kwargs):
+    raise AssertionError('no image should reach the model')
+
+
+def test_infer_input_with_nothing_to_read_is_an_error(tmp_path):
+  from absl import app
+
+  with pytest.raises(app.UsageError, match='no such file or folder'):
+    infer.check_input(str(tmp_path / 'nope'))
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'notes.txt').write_text('not an image')
+  with pytest.raises(app.UsageError, match=f'--input={empty}: the folder has'):
+    infer.check_input(str(empty))
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  (broken / 'a.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+  infer.check_input(str(broken))  # an image file: only decoding tells
+  out = tmp_path / 'out'
+  with pytest.raises(infer.NothingReadError) as err:
+    infer.run(_NoPredictor(), str(broken), str(out), min_score=0.0)
+  assert f'no image could be read from {broken}' in str(err.value)
+  assert str(broken / 'a.jpg') in str(err.value)
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['processed'] == 0 and len(summary['skipped']) == 1
+
+
+@pytest.mark.slow
+def test_infer_command_exits_nonzero_without_input(tmp_path):
+  """Both fail in seconds, before the (here missing) checkpoint loads."""
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  def infer_command(*args):
+    return subprocess.run(
+      [sys.executable, '-m', 'effdet_jax.tools.infer', *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  common = [f'--checkpoint={tmp_path / "ckpt"}', f'--output={tmp_path / "o"}']
+  missing = infer_command(*common)
+  assert missing.returncode != 0
+  assert '--input is required' in missing.stderr
+  (tmp_path / 'empty').mkdir()
+  empty = infer_command(*common, f'--input={tmp_path / "empty"}')
+  assert empty.returncode != 0
+  assert 'the folder has no image files' in empty.stderr
+  assert 'model_config.json' not in empty.stderr  # not as far as the model

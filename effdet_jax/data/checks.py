@@ -34,13 +34,36 @@ OUTSIDE_TOLERANCE_PX = 0.01
 _LOG_FIRST = 5
 
 
+class NoUsableExamplesError(ValueError):
+  """The input skips every image: training could never take a step."""
+
+
 class DataStats:
   """Thread-safe counters of what the pipeline skipped or noticed."""
 
-  def __init__(self, strict: bool = False):
+  def __init__(self, strict: bool = False, max_consecutive_skips: int = 0):
     self.strict = strict
+    self.max_consecutive_skips = max_consecutive_skips
     self._lock = threading.Lock()
     self.counts: collections.Counter[str] = collections.Counter()
+    self._consecutive = 0
+    self.fatal: str | None = None  # why the input stopped (see `usable`)
+
+  def usable(self, ok: bool) -> None:
+    """Counts a run of unusable images; past `max_consecutive_skips` (> 0)
+    raises NoUsableExamplesError, naming the skip reasons and counts."""
+    with self._lock:
+      self._consecutive = 0 if ok else self._consecutive + 1
+      run = self._consecutive
+    limit = self.max_consecutive_skips
+    if limit > 0 and run >= limit:
+      self.fatal = (
+        f'the training input skipped {run} images in a row and yielded '
+        f'none (skips so far: {self.summary()}); fix the data or the '
+        'checks it fails (the warnings above name the first records), or '
+        'raise data.max_consecutive_skips'
+      )
+      raise NoUsableExamplesError(self.fatal)
 
   def add(self, reason: str, name: str, detail: str = '', n: int = 1) -> None:
     """Counts `n` occurrences; raises ValueError naming the record if
@@ -141,6 +164,7 @@ def load_and_check(
       int(height),
       int(width),
     )
+    stats.usable(image is not None)
     if image is None:
       return tf.zeros([0, 0, 3], tf.uint8), np.zeros([n], bool), False
     keep = np.ones([n], bool)

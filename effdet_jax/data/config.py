@@ -61,6 +61,10 @@ def data_config() -> ml_collections.ConfigDict:
       skip_crowd_during_training=True,
       # Bad input: False = count, log and skip; True = raise, naming it.
       strict=False,
+      # Training stops with an error naming the skip reasons after this many
+      # unusable images in a row (e.g. every record fails a check): a
+      # repeated input that skips everything would otherwise never yield.
+      max_consecutive_skips=1000,
       # Pipeline mechanics.
       shuffle_buffer_size=64,  # official shuffle(64) after the interleave
       cycle_length=16,  # files read in parallel; fixed for determinism

@@ -16,7 +16,12 @@ them: PREFIX_label_map.json ({id: name}) and, for VOC, the official
 json_<basename>.json COCO annotations for evaluation. Annotations the
 official COCO converter skips (w or h <= 0, beyond the image) are skipped
 and counted; an unreadable or missing image is skipped and counted (the
-official tool would crash); images without annotations are kept.
+official tool would crash); images without annotations are kept. A VOC
+XML file that cannot be parsed (truncated, corrupt, a size that is not a
+number) is skipped with a warning naming the file and the error, and
+counted as `corrupt_xml` in the summary printed at the end; when no XML
+file can be parsed the conversion stops with an error. `--strict` makes
+any bad image or XML file an error instead.
 """
 
 from __future__ import annotations
@@ -117,6 +122,32 @@ def _text(node, path, default=''):
   return found.text.strip() if found is not None and found.text else default
 
 
+def _read_voc_xml(path: str, stem: str) -> dict:
+  """The fields we use of one VOC XML file, all parsed here so that a
+  corrupt file raises (ET.ParseError, ValueError) before any of it is
+  written."""
+  root = ET.parse(path).getroot()
+  objects = [
+    dict(
+      name=_text(obj, 'name'),
+      box=[
+        float(_text(obj, 'bndbox/' + k))
+        for k in ('xmin', 'ymin', 'xmax', 'ymax')
+      ],
+      difficult=int(_text(obj, 'difficult', '0')),
+      truncated=int(_text(obj, 'truncated', '0')),
+      pose=_text(obj, 'pose', ''),
+    )
+    for obj in root.findall('object')
+  ]
+  return dict(
+    filename=_text(root, 'filename', stem + '.jpg'),
+    width=int(_text(root, 'size/width')),
+    height=int(_text(root, 'size/height')),
+    objects=objects,
+  )
+
+
 def voc_examples(
   xml_dir: str,
   images_dir: str,
@@ -132,28 +163,36 @@ def voc_examples(
       stems = [line.split()[0] for line in f if line.strip()]
   else:
     stems = sorted(p[:-4] for p in os.listdir(xml_dir) if p.endswith('.xml'))
-  image_id = 0
+  if not stems:
+    raise ValueError(f'no VOC annotations (*.xml) to convert in {xml_dir}')
+  image_id = parsed = 0
   for stem in tqdm.tqdm(stems, desc='voc -> tfrecord'):
-    root = ET.parse(os.path.join(xml_dir, stem + '.xml')).getroot()
-    filename = _text(root, 'filename', stem + '.jpg')
+    xml_path = os.path.join(xml_dir, stem + '.xml')
+    try:
+      ann = _read_voc_xml(xml_path, stem)
+    except (ET.ParseError, ValueError) as e:
+      # One bad file must not cost the whole conversion (nor go unnamed).
+      if strict:
+        raise ValueError(f'corrupt VOC annotation {xml_path}: {e}') from e
+      skipped['corrupt_xml'] += 1
+      logging.warning('skipping corrupt VOC annotation %s: %s', xml_path, e)
+      continue
+    parsed += 1
+    filename, width, height = ann['filename'], ann['width'], ann['height']
     loaded = _load_image(os.path.join(images_dir, filename), skipped, strict)
     if loaded is None:
       continue
     image_id += 1
-    width = int(_text(root, 'size/width'))
-    height = int(_text(root, 'size/height'))
     coco_json['images'].append(
       dict(file_name=filename, height=height, width=width, id=image_id)
     )
     objects = collections.defaultdict(list)
-    for obj in root.findall('object'):
-      name = _text(obj, 'name')
+    for obj in ann['objects']:
+      name = obj['name']
       if name not in name_to_id:
         skipped['unknown_class'] += 1
         continue
-      box = [float(_text(obj, 'bndbox/' + k)) for k in ('xmin', 'ymin')]
-      box += [float(_text(obj, 'bndbox/' + k)) for k in ('xmax', 'ymax')]
-      xmin, ymin, xmax, ymax = box
+      xmin, ymin, xmax, ymax = obj['box']
       if xmax <= xmin or ymax <= ymin:
         skipped['zero_area_box'] += 1
         continue
@@ -170,9 +209,9 @@ def voc_examples(
       )
       objects['text'].append(name.encode('utf8'))
       objects['label'].append(name_to_id[name])
-      objects['difficult'].append(int(_text(obj, 'difficult', '0')))
-      objects['truncated'].append(int(_text(obj, 'truncated', '0')))
-      objects['view'].append(_text(obj, 'pose', '').encode('utf8'))
+      objects['difficult'].append(obj['difficult'])
+      objects['truncated'].append(obj['truncated'])
+      objects['view'].append(obj['pose'].encode('utf8'))
       w, h = int(xmax) - int(xmin), int(ymax) - int(ymin)
       coco_json['annotations'].append(
         dict(
@@ -197,6 +236,12 @@ def voc_examples(
       width=width,
       # The official pascal converter always writes the object keys.
       objects=objects,
+    )
+  if not parsed:
+    raise ValueError(
+      f'none of the {len(stems)} VOC annotations in {xml_dir} could be '
+      'parsed (see the warnings above): is --annotations the folder of '
+      'Pascal VOC XML files?'
     )
 
 
@@ -279,7 +324,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer('num_shards', 32, 'number of shards (official: 32)')
   flags.DEFINE_string('split', None, 'VOC: file of image stems to convert')
   flags.DEFINE_string('label_map', None, 'VOC: json label map (name<->id)')
-  flags.DEFINE_bool('strict', False, 'raise on a bad image instead of skip')
+  flags.DEFINE_bool(
+    'strict', False, 'raise on a bad image or XML file instead of skip'
+  )
   flags.mark_flags_as_required(['annotations', 'images', 'output'])
 
 

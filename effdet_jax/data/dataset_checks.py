@@ -13,7 +13,10 @@ message that names the problem, a few examples and the fix:
   positive width/height;
 * image files that do not exist;
 * a label map that differs from the one saved in the workdir (resuming or
-  evaluating a checkpoint trained on other classes).
+  evaluating a checkpoint trained on other classes);
+* a model section that is not what it says (`effdet_jax/model_checks.py`:
+  `model.name` overridden on another model's config file, an image size
+  the network cannot take).
 
 Zero-size boxes are counted, not fatal: the pipeline drops them (BCCD has
 two). A coco_json source is checked in full (one directory listing per
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from effdet_jax import model_checks
 from effdet_jax.data import checks, label_maps, sources
 
 _SHOW = 5  # examples named per problem
@@ -78,13 +82,19 @@ def _duplicates(ids: list) -> list:
 
 
 def check_class_map(
-  class_map: label_maps.ClassMap, num_classes: int, where: str
+  class_map: label_maps.ClassMap,
+  num_classes: int,
+  where: str,
+  category_ids: str = 'keep',
 ) -> list[str]:
-  """Problems of the class ids against the model's outputs."""
+  """Problems of the class ids against the model's outputs
+  (`category_ids`: the run's data.category_ids, for the suggested fix)."""
   bad = [k for k in class_map.names if not 1 <= k <= num_classes]
   if not bad:
     return []
-  if class_map.is_identity:
+  # 'contiguous' may give an identity map (categories already 1..K): then
+  # suggesting 'contiguous' again would be no fix.
+  if class_map.is_identity and category_ids != 'contiguous':
     fix = (
       f'Set model.num_classes >= {max(bad)}, or data.category_ids='
       "'contiguous' (coco_json) to number the categories 1..K"
@@ -104,12 +114,13 @@ def check_coco_json(
   class_map: label_maps.ClassMap,
   num_classes: int,
   split: str = 'train',
+  category_ids: str = 'keep',
 ) -> Report:
   """Checks one COCO json split; raises DatasetError listing every problem."""
   with tf.io.gfile.GFile(json_path) as f:
     coco = json.load(f)
   where = f'{split} json {json_path}'
-  problems = check_class_map(class_map, num_classes, where)
+  problems = check_class_map(class_map, num_classes, where, category_ids)
   images = coco.get('images', [])
   anns = coco.get('annotations', [])
   report = Report(split, num_images=len(images))
@@ -268,13 +279,15 @@ def check_split(
       path, images = data.eval_json, data.eval_images
     if not path:
       raise DatasetError(f'data.source=coco_json needs data.{split}_json')
-    return check_coco_json(path, images, class_map, num_classes, split)
+    return check_coco_json(
+      path, images, class_map, num_classes, split, data.category_ids
+    )
   # Other sources: the class ids their own label map implies (records:
   # the map written beside them); a configured data.label_map may name
   # more classes than the data has, so it proves nothing here.
   if not data.label_map:
     where = f'{split} {data.source} label map'
-    problems = check_class_map(class_map, num_classes, where)
+    problems = check_class_map(class_map, num_classes, where, data.category_ids)
     if problems:
       raise DatasetError(_message(problems))
   return None
@@ -318,6 +331,10 @@ def verify(
   1..model.num_classes): a named data.label_map may list more ('shapes'
   has 4 for the 3-class demo), which evaluation and drawing must not show.
   """
+  # The model section first: this is the start-up point of training,
+  # evaluation and inspect_data, so a mislabelled model or an image size
+  # the network cannot take stops here, not after the first compile.
+  model_checks.check(config.model)
   class_map = sources.class_map(config)
   reports: dict[str, Report] = {}
   if config.data.get('check_dataset', True):

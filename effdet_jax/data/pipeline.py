@@ -71,8 +71,13 @@ def examples(
   """
   pi, pc = _host(process_index, process_count)
   data = config.data
-  stats = stats or checks.DataStats(strict=data.strict)
   training = split == 'train'
+  stats = stats or checks.DataStats(
+    strict=data.strict,
+    max_consecutive_skips=(
+      int(data.get('max_consecutive_skips', 0)) if training else 0
+    ),
+  )
   ds = sources.raw_examples(config, split, pi, pc)
   if training and data.source in ('tfrecord', 'tfds'):
     if data.shuffle_buffer_size > 0:

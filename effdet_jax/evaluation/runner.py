@@ -342,31 +342,34 @@ def restore_weights(
   from effdet_jax.runtime import checkpoint  # noqa: PLC0415
 
   manager = checkpoint.read_only_manager(workdir)
-  step = manager.latest_step() if step is None else int(step)
-  if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(
-      f'no checkpoint {"" if step is None else f"at step {step} "}in '
-      f'{manager.directory}; steps there: {list(manager.all_steps())}'
-    )
   abstract = jax.eval_shape(lambda: api.init_variables(model))
-  out: dict[str, Any] = {}
-  if which in ('ema', 'both'):
-    out['ema'] = manager.restore(
-      step,
-      args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)),
-    ).variables
-  if which in ('raw', 'both'):
-    # The raw weights live only in the full train state; restore it
-    # without a target (nested dicts) and keep the two model collections.
-    state = manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-    ).state
-    out['raw'] = {
-      'params': state['params'],
-      'batch_stats': state['batch_stats'],
-    }
-  manager.close()
-  return step, out
+
+  def restore(s: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if which in ('ema', 'both'):
+      out['ema'] = manager.restore(
+        s,
+        args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)),
+      ).variables
+    if which in ('raw', 'both'):
+      # The raw weights live only in the full train state; restore it
+      # without a target (nested dicts) and keep the two model collections.
+      state = manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+      ).state
+      out['raw'] = {
+        'params': state['params'],
+        'batch_stats': state['batch_stats'],
+      }
+    return out
+
+  try:
+    # The newest readable step (a corrupt newest one is named and skipped).
+    return checkpoint.restore_newest_readable(
+      manager, restore, None if step is None else int(step)
+    )
+  finally:
+    manager.close()
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:

@@ -3,17 +3,25 @@
 Each step directory holds two items: `state` (the whole TrainState, enough
 to resume bit-exactly) and `variables` (the EMA model variables, what
 `effdet_jax.load(workdir)` opens). Saves are atomic (orbax writes to a
-temporary directory and renames); on restore, a latest step that fails to
-read is skipped with a warning and the previous one is used. Restoring
-takes the target shardings from the abstract state, so a checkpoint opens on
-a different mesh.
+temporary directory and renames). Restoring takes the target shardings from
+the abstract state, so a checkpoint opens on a different mesh.
+
+Resume never destroys a run:
+- a checkpoint whose tree differs from the configured state (a changed
+  config) stops the run with `CheckpointMismatchError`, naming the leaves;
+- a step that cannot be read at all is moved aside to
+  `checkpoints/corrupt-<step>` (outside orbax's step listing, so retention
+  never counts or deletes it) and the previous step is used;
+- readers (`effdet_jax.load`, `--mode=eval`, `tools.infer`, `init_from`)
+  fall back to the newest readable step the same way, without moving
+  anything, and say so in one line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 CHECKPOINT_DIR = 'checkpoints'
+CORRUPT_PREFIX = 'corrupt-'
+_MAX_LISTED = 8  # leaves named in a mismatch message (then a count)
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint whose tree is not the configured state's."""
 
 
 def absolute(workdir: str) -> str:
@@ -87,7 +101,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def restore(self, abstract_state: Any) -> Any | None:
-    """The newest readable state (None when there is none)."""
+    """The newest readable state (None when there is none).
+
+    Raises CheckpointMismatchError when the newest step is readable but
+    holds another tree (nothing is moved or deleted then); an unreadable
+    step is moved aside (`set_aside`) and the previous one tried.
+    """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         out = self.manager.restore(
@@ -97,16 +116,39 @@ class Checkpointer:
           ),
         )
         return out.state
-      except Exception as err:  # noqa: BLE001 - any unreadable step
+      except Exception as err:  # noqa: BLE001 - classified below
+        differences = tree_differences(self.manager, step, abstract_state)
+        if differences:
+          raise CheckpointMismatchError(
+            mismatch_message(self.directory, step, differences)
+          ) from err
+        moved = self.set_aside(step)
         logging.warning(
-          'checkpoint step %d in %s is unreadable (%s: %s); trying the '
-          'previous one',
+          'checkpoint step %d is unreadable (%s); moved it to %s and trying '
+          'the previous step',
           step,
-          self.directory,
-          type(err).__name__,
-          err,
+          short_error(err),
+          moved,
         )
     return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves an unreadable step to `corrupt-<step>` (process 0 renames,
+    every process waits and re-lists); returns the new path."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(self.directory, f'{CORRUPT_PREFIX}{step}')
+    n = 1
+    while tf_io().gfile.exists(dst):
+      n += 1
+      dst = os.path.join(self.directory, f'{CORRUPT_PREFIX}{step}.{n}')
+    if jax.process_index() == 0 and tf_io().gfile.exists(src):
+      tf_io().gfile.rename(src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      multihost_utils.sync_global_devices(f'effdet_jax set aside {step}')
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -156,17 +198,136 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
   )
 
 
-def restore_variables(workdir: str, abstract_variables: Any, step=None) -> Any:
-  """EMA model variables of a training workdir (latest step by default)."""
-  manager = read_only_manager(workdir)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {workdir}/{CHECKPOINT_DIR}')
-  out = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract_variables)
-    ),
+def restore_newest_readable(
+  manager: ocp.CheckpointManager,
+  restore: Callable[[int], Any],
+  step: int | None = None,
+) -> tuple[int, Any]:
+  """`(step, restore(step))` for the newest step that reads (or exactly
+  `step`). A step that fails is reported in one line and the previous one
+  tried; nothing is moved (readers never change a workdir).
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(
+        f'no checkpoint at step {step} in {manager.directory}; steps there: '
+        f'{sorted(steps)}'
+      )
+    return step, restore(step)
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  errors = []
+  for s in steps:
+    try:
+      out = restore(s)
+    except Exception as err:  # noqa: BLE001 - any unreadable step
+      errors.append(f'step {s}: {short_error(err)}')
+      continue
+    if errors:
+      logging.warning(
+        'checkpoint %s unreadable; using step %d', '; '.join(errors), s
+      )
+    return s, out
+  raise FileNotFoundError(
+    f'no readable checkpoint in {manager.directory}: ' + '; '.join(errors)
   )
-  manager.close()
+
+
+def restore_variables(workdir: str, abstract_variables: Any, step=None) -> Any:
+  """EMA model variables of a training workdir (newest readable step by
+  default)."""
+  manager = read_only_manager(workdir)
+  try:
+    _, out = restore_newest_readable(
+      manager,
+      lambda s: manager.restore(
+        s,
+        args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract_variables)
+        ),
+      ),
+      step,
+    )
+  finally:
+    manager.close()
   return out.variables
+
+
+def short_error(err: BaseException) -> str:
+  """`Type: first line` of an exception (orbax errors run to pages)."""
+  lines = str(err).strip().splitlines()
+  first = lines[0] if lines else ''
+  if len(first) > 200:
+    first = first[:200] + '...'
+  return f'{type(err).__name__}: {first}'
+
+
+def _flat(tree: Any) -> dict[tuple, tuple]:
+  """{path: (shape, dtype)} of a saved-metadata or abstract tree, in the
+  nested dict/list form orbax saves."""
+  flat = ocp.tree.to_flat_dict(
+    ocp.tree.serialize_tree(tree, keep_empty_nodes=True)
+  )
+  return {
+    tuple(str(k) for k in path): (tuple(v.shape), str(v.dtype))
+    for path, v in flat.items()
+    if hasattr(v, 'shape') and hasattr(v, 'dtype')
+  }
+
+
+def tree_differences(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> list[str] | None:
+  """How the saved `state` tree of `step` differs from `abstract_state`:
+  [] when it is the same, None when its metadata cannot be read (an
+  unreadable checkpoint, not a different one)."""
+  path = os.path.join(str(manager.directory), str(step), 'state')
+  try:
+    from etils import epath  # noqa: PLC0415
+
+    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    saved = _flat(metadata.tree)
+  except Exception:  # noqa: BLE001 - unreadable metadata
+    return None
+  expected = _flat(abstract_state)
+  out = []
+  for key in sorted(set(saved) | set(expected)):
+    name = '/'.join(key)
+    if key not in saved:
+      out.append(f'not in the checkpoint: {name} {expected[key][0]}')
+    elif key not in expected:
+      out.append(f'only in the checkpoint: {name} {saved[key][0]}')
+    elif saved[key][0] != expected[key][0]:
+      out.append(
+        f'shape: {name} {saved[key][0]} saved, {expected[key][0]} configured'
+      )
+  return out
+
+
+def mismatch_message(directory: str, step: int, differences: list[str]) -> str:
+  """A few lines: the first differing leaves, a count, the two ways out."""
+  shown = differences[:_MAX_LISTED]
+  more = len(differences) - len(shown)
+  lines = [
+    f'checkpoint step {step} in {directory} does not match the configured '
+    f'model/optimizer state ({len(differences)} differing leaves); the '
+    'config changed since it was written:',
+    *(f'  {d}' for d in shown),
+  ]
+  if more:
+    lines.append(f'  ... and {more} more')
+  lines.append(
+    'Nothing was changed in the workdir. Either resume with the config the '
+    'run was started with (its config.json), or start a new --workdir, with '
+    '--config.init_from.path=<this workdir> to carry the weights over.'
+  )
+  return '\n'.join(lines)
+
+
+def tf_io():
+  """tf.io for file operations on local and gs:// paths (imported late:
+  building a model must not need TensorFlow)."""
+  import tensorflow as tf  # noqa: PLC0415
+
+  return tf.io

@@ -11,6 +11,10 @@ given, supplies the NMS method and, when the checkpoint has no
 Writes `OUTPUT/detections.json` (COCO result dicts, `image_id` = the file
 name, or the frame number for a video) and one drawn PNG per image. A file
 that cannot be decoded is reported and skipped; the others are processed.
+Nothing to read is an error (exit status 1), named before the model loads
+where it can be: no `--input`, an input path that does not exist, a folder
+without image files; and after the run when not one image (or video frame)
+could be read.
 Video: animated GIF frames are read with Pillow and written back as a drawn
 GIF plus PNG frames; other formats (mp4, ...) need `imageio[ffmpeg]`
 installed (then a drawn mp4 is written too).
@@ -63,6 +67,23 @@ def list_images(path: str) -> list[str]:
       if f.lower().endswith(IMAGE_EXTENSIONS)
     )
   return [path]
+
+
+class NothingReadError(ValueError):
+  """The input held no image (or video frame) that could be read."""
+
+
+def check_input(path: str) -> None:
+  """Raises app.UsageError for an input with nothing to read: a path that
+  does not exist or a folder without image files (checked before the
+  model is loaded and compiled)."""
+  if not os.path.exists(path):
+    raise app.UsageError(f'--input={path}: no such file or folder')
+  if os.path.isdir(path) and not list_images(path):
+    raise app.UsageError(
+      f'--input={path}: the folder has no image files '
+      f'({", ".join(IMAGE_EXTENSIONS)}); a video must be given as a file'
+    )
 
 
 def _video_frames(path: str) -> Iterator[np.ndarray]:
@@ -124,7 +145,9 @@ def run(
     if len(decoded) == predictor.batch_size:
       flush()
   flush()
-  return _finish(output, results, skipped, len(paths) - len(skipped))
+  return _finish(
+    output, results, skipped, len(paths) - len(skipped), input_path
+  )
 
 
 def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
@@ -166,10 +189,13 @@ def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
       iio.imwrite(os.path.join(output, stem + '.mp4'), np.stack(drawn), fps=25)
     except Exception as err:  # noqa: BLE001 - the GIF is already there
       logging.info('no mp4 written (%s); the drawn GIF and frames are', err)
-  return _finish(output, results, [], len(drawn))
+  return _finish(output, results, [], len(drawn), path)
 
 
-def _finish(output, results, skipped, processed) -> dict[str, Any]:
+def _finish(output, results, skipped, processed, input_path) -> dict[str, Any]:
+  """Writes the detections and the summary; raises NothingReadError (after
+  writing them: the summary lists the files that failed) when not one
+  image was read."""
   with open(os.path.join(output, 'detections.json'), 'w') as f:
     json.dump(results, f)
   summary = {
@@ -186,6 +212,14 @@ def _finish(output, results, skipped, processed) -> dict[str, Any]:
     len(skipped),
     output,
   )
+  if not processed:
+    failed = '; '.join(f'{s["file"]}: {s["error"]}' for s in skipped[:3])
+    raise NothingReadError(
+      f'no image could be read from {input_path}'
+      + (f' ({len(skipped)} failed to decode: {failed})' if skipped else '')
+      + '; see also '
+      + os.path.join(output, 'summary.json')
+    )
   return summary
 
 
@@ -216,6 +250,7 @@ def main(argv):
   for name in ('checkpoint', 'input', 'output'):
     if not f[name].value:
       raise app.UsageError(f'--{name} is required')
+  check_input(f.input)  # before the model loads: a typo fails in seconds
   # Both before any JAX backend starts (as effdet_jax.main does), and only
   # where the 'cpu' backend computes.
   malloc_tuning.reexec_if_untuned()
@@ -232,7 +267,10 @@ def main(argv):
     nms_method=nms_method,
     batch_size=f.batch_size,
   )
-  summary = run(predictor, f.input, f.output, f.min_score)
+  try:
+    summary = run(predictor, f.input, f.output, f.min_score)
+  except NothingReadError as err:
+    raise SystemExit(f'infer: {err}') from None  # exit status 1
   print(json.dumps(summary))
 
 

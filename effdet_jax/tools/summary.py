@@ -19,7 +19,7 @@ from absl import app, flags
 from flax import traverse_util
 from ml_collections import config_flags
 
-from effdet_jax import api, registry
+from effdet_jax import api, model_checks, registry
 from effdet_jax.tools.flops import count_flops
 
 _PARTS = ('backbone', 'resample_p6_p7', 'fpn_cells', 'class_net', 'box_net')
@@ -94,7 +94,11 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  s = summarize(flags.FLAGS.config.model)
+  model = flags.FLAGS.config.model
+  # A model.name overridden on another model's config would print that
+  # name beside this model's counts.
+  model_checks.check(model)
+  s = summarize(model)
   print(json.dumps(s) if flags.FLAGS.format == 'json' else format_table(s))
 
 

@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from effdet_jax import api
+from effdet_jax import api, model_checks
 from effdet_jax.convert import keras_h5, strict_fill, tf_backbone
 from effdet_jax.convert import tf_checkpoint as tf_ckpt
 
@@ -90,26 +90,31 @@ def _our_tree(path: str, fmt: str, ema: bool) -> tuple[dict, dict]:
   """(variables as saved, model config) of a converted dir or workdir."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
-  with open(os.path.join(path, api.MODEL_CONFIG_FILE)) as f:
-    cfg = json.load(f)
+  # A bad file stops here with its path, not as a bare JSON/KeyError.
+  cfg = model_checks.read_model_config(
+    os.path.join(path, api.MODEL_CONFIG_FILE)
+  )
   if fmt == 'converted':
     tree = ocp.StandardCheckpointer().restore(
       os.path.join(path, api.VARIABLES_DIR)
     )
     return tree, cfg
-  manager = ocp.CheckpointManager(
-    os.path.join(path, 'checkpoints'),
-    item_names=('state', 'variables'),
-    options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-  )
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'init_from: no checkpoint in {path}/checkpoints')
+  from effdet_jax.runtime import checkpoint  # noqa: PLC0415
+
+  manager = checkpoint.read_only_manager(path)
   item = 'variables' if ema else 'state'
-  out = manager.restore(
-    step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
-  )
-  manager.close()
+  try:
+    # The newest readable step (a corrupt newest one is named and skipped).
+    step, out = checkpoint.restore_newest_readable(
+      manager,
+      lambda s: manager.restore(
+        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
+      ),
+    )
+  except FileNotFoundError as err:
+    raise FileNotFoundError(f'init_from: {err}') from None
+  finally:
+    manager.close()
   tree = out[item]
   if not ema:
     tree = {'params': tree['params'], 'batch_stats': tree['batch_stats']}

@@ -2,10 +2,10 @@
 
 One pure function of (state, batch); shardings are applied by the caller's
 `jax.jit`. BN statistics are means over the (global) batch axis. A step
-whose loss or gradient is not finite leaves the state unchanged except for
-`num_skipped`/`last_skipped_step` (the trainer then stops with an error, or
-counts it with `train.skip_nonfinite`), so a non-finite value can never
-reach a checkpoint.
+whose loss, gradient or updated state is not finite leaves the state
+unchanged except for `num_skipped`/`last_skipped_step` (the trainer then
+stops with an error, or counts it with `train.skip_nonfinite`), so a
+non-finite value can never reach a checkpoint.
 """
 
 from __future__ import annotations
@@ -99,7 +99,12 @@ def make_train_step(
         state.ema_batch_stats, new_bs, decay
       ),
     )
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The updated state too: an exploding run can overflow the weights or
+    # BN statistics while the loss (on batch statistics) is still finite.
+    # (One global norm: a finiteness reduction per leaf compiles for
+    # minutes on XLA:CPU; an overflowing norm means a diverged state too.)
+    state_ok = jnp.isfinite(optax.global_norm((new_params, new_bs)))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_ok
     skipped = state.replace(
       step=step,
       num_skipped=state.num_skipped + 1,

@@ -23,8 +23,15 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import api, files
 from effdet_jax.detection import anchors as anchors_lib
-from effdet_jax.runtime import checkpoint, partitioning
-from effdet_jax.train import freeze, init_from, optimizer, schedule
+from effdet_jax.runtime import checkpoint, partitioning, workdir_lock
+from effdet_jax.train import (
+  divergence,
+  freeze,
+  init_from,
+  input_feed,
+  optimizer,
+  schedule,
+)
 from effdet_jax.train.state import TrainState
 from effdet_jax.train.train_step import make_train_step
 
@@ -32,27 +39,37 @@ EvaluateFn = Callable[[TrainState, int], dict[str, float]]
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM so the loop can finish the step and save."""
+  """Sets a flag on SIGTERM or Ctrl-C (SIGINT) so the loop can finish the
+  step, save and exit 0; a second Ctrl-C stops at once."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self._previous: dict = {}
 
   def __enter__(self):
     def handler(signum, frame):
-      del signum, frame
-      logging.warning('SIGTERM: saving a checkpoint after this step')
+      del frame
+      if signum == signal.SIGINT and self.requested:
+        raise KeyboardInterrupt  # the second Ctrl-C: no save
+      logging.warning(
+        '%s: saving a checkpoint after this step (Ctrl-C again to stop at '
+        'once)',
+        signal.Signals(signum).name,
+      )
       self.requested = True
 
-    try:
-      self._previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. a notebook worker)
-      self._previous = None
+    for sig in self._SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, handler)
+      except ValueError:  # not the main thread (e.g. a notebook worker)
+        pass
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
   def synced(self) -> bool:
     if jax.process_count() == 1:
@@ -173,18 +190,90 @@ class Trainer:
 
 
 def _train_batches(config: Any, trainer: Trainer, start_step: int):
-  from effdet_jax.data import pipeline  # noqa: PLC0415 - tf import is slow
+  from effdet_jax.data import checks, pipeline  # noqa: PLC0415 - imports tf
 
-  ds = pipeline.train_dataset(config).skip(start_step)
+  data = config.data
+  stats = checks.DataStats(
+    strict=data.strict,
+    max_consecutive_skips=int(data.get('max_consecutive_skips', 0)),
+  )
+  ds = pipeline.train_dataset(config, stats=stats).skip(start_step)
   shardings = None
-  for batch in ds.as_numpy_iterator():
-    batch = {k: batch[k] for k in ('image', 'boxes', 'classes')}
-    if shardings is None:
-      shardings = trainer.batch_sharding(batch)
-    yield {
-      k: jax.make_array_from_process_local_data(shardings[k], v)
-      for k, v in batch.items()
-    }
+  try:
+    for batch in ds.as_numpy_iterator():
+      batch = {k: batch[k] for k in ('image', 'boxes', 'classes')}
+      if shardings is None:
+        shardings = trainer.batch_sharding(batch)
+      yield {
+        k: jax.make_array_from_process_local_data(shardings[k], v)
+        for k, v in batch.items()
+      }
+  except Exception:
+    if stats.fatal:  # raised inside tf.data: the clean message, no trace
+      raise checks.NoUsableExamplesError(stats.fatal) from None
+    raise
+  raise ValueError(
+    f'the training input ended without a batch (skips: {stats.summary()})'
+  )
+
+
+class _Run:
+  """The bookkeeping of one training loop: step metrics not yet fetched,
+  the rates for the ETA, the divergence guard."""
+
+  def __init__(self, config: Any, start: int):
+    t = config.train
+    self.config = config
+    self.pending: list[tuple[int, dict]] = []  # (step, device metrics)
+    self.fetched: list[dict] = []  # host metrics since the last log line
+    self.guard = divergence.DivergenceGuard(
+      float(t.get('divergence_factor', 0.0)),
+      int(t.get('divergence_window', 100)),
+    )
+    self.start = start
+    self.last_time, self.last_step = time.time(), start
+    # The ETA's rate leaves out the first log interval (it holds the
+    # compile) and the evaluations (their time is not the steps').
+    self.timed_steps, self.timed_s, self.tick = 0, 0.0, self.last_time
+
+  def check(self, state: TrainState) -> None:
+    """Fetches the pending step metrics; stops on a non-finite step
+    (unless `train.skip_nonfinite`) or a diverging loss."""
+    if not self.pending:
+      return
+    rows = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending = []
+    for step, row in zip(steps, rows, strict=True):
+      if int(row['nonfinite']) > 0 and not self.config.train.skip_nonfinite:
+        raise FloatingPointError(
+          f'non-finite loss, gradient or updated state at step {step}; the '
+          'update was not applied and no checkpoint holds it (lower '
+          'train.learning_rate, or set train.skip_nonfinite to skip such '
+          'steps)'
+        )
+      self.guard.observe(step, float(row['loss']))
+    self.fetched.extend(rows)
+
+  def log(self, done: int, total: int, state: TrainState, writer) -> None:
+    summary = _summarize(self.fetched)
+    self.fetched = []
+    now = time.time()
+    rate = (done - self.last_step) / max(now - self.last_time, 1e-9)
+    if self.last_step > self.start:
+      self.timed_steps += done - self.last_step
+      self.timed_s += now - self.tick
+    self.last_time, self.last_step, self.tick = now, done, now
+    summary.update(
+      steps_per_sec=rate,
+      images_per_sec=rate * self.config.train.batch_size,
+      num_skipped=int(jax.device_get(state.num_skipped)),
+    )
+    writer.write_scalars(done, summary)
+    if jax.process_index() == 0:
+      steady = self.timed_steps / self.timed_s if self.timed_s > 0 else rate
+      eta = (total - done) / max(steady, 1e-9)
+      logging.info('%s', progress_line(done, total, summary, eta))
 
 
 def train_and_evaluate(
@@ -204,27 +293,40 @@ def train_and_evaluate(
     batches: optional iterator of global batches to use instead of the
       configured input pipeline (given the start step).
   """
-  t = config.train
   from effdet_jax.data import dataset_checks  # noqa: PLC0415 - imports tf
 
-  # Before any compile: data that cannot fit the config stops the run here.
-  dataset_checks.prepare_training(config, workdir)
-  write_config(config, workdir)
-  trainer = Trainer(config, workdir)
-  ckpt = checkpoint.Checkpointer(
-    workdir,
-    config.checkpoint.every_steps,
-    config.checkpoint.keep,
-    config.checkpoint.best_metric,
-    config.checkpoint.keep_best,
-  )
-  state = ckpt.restore(trainer.abstract_with_shardings())
-  if state is None:  # no checkpoint of its own: init_from, else scratch
-    state = init_from.initial_state(trainer, config, workdir)
-  else:
-    logging.info('resumed from step %d', int(state.step))
-    if config.get('init_from') and config.init_from.path:
-      logging.info('init_from ignored: the workdir has its own checkpoint')
+  with workdir_lock.WorkdirLock(workdir) as lock:
+    # Before any compile: data that cannot fit the config stops the run here.
+    dataset_checks.prepare_training(config, workdir)
+    trainer = Trainer(config, workdir)
+    ckpt = checkpoint.Checkpointer(
+      workdir,
+      config.checkpoint.every_steps,
+      config.checkpoint.keep,
+      config.checkpoint.best_metric,
+      config.checkpoint.keep_best,
+    )
+    try:
+      # A checkpoint of another config raises here, before config.json is
+      # rewritten: the workdir stays as the run that wrote it left it.
+      state = ckpt.restore(trainer.abstract_with_shardings())
+      write_config(config, workdir)
+      if state is None:  # no checkpoint of its own: init_from, else scratch
+        state = init_from.initial_state(trainer, config, workdir)
+      else:
+        logging.info('resumed from step %d', int(state.step))
+        if config.get('init_from') and config.init_from.path:
+          logging.info('init_from ignored: the workdir has its own checkpoint')
+      return _loop(
+        config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock
+      )
+    finally:
+      ckpt.close()
+
+
+def _loop(config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock):
+  """The steps, evaluations and saves of `train_and_evaluate`."""
+  t = config.train
   start = int(state.step)
   total = trainer.steps.total
   # Here, not at the top: clu's writers import TensorFlow, and building the
@@ -244,73 +346,58 @@ def train_and_evaluate(
         num_profile_steps=t.profile_steps, logdir=workdir
       )
     )
-  data = (
+  feed = input_feed.InputFeed(
     batches(start)
     if batches is not None
     else _train_batches(config, trainer, start)
   )
   eval_every = int(config.eval.every_steps)
-  images_per_step = t.batch_size
-  pending: list[dict] = []
-  last_time, last_step = time.time(), start
-  # The ETA's rate leaves out the first log interval (it holds the compile)
-  # and the evaluations (their time is not the steps').
-  timed_steps, timed_s, tick = 0, 0.0, last_time
+  run = _Run(config, start)
+  alone = jax.process_count() == 1
   logging.info('training steps %d..%d of %d', start + 1, total, total)
+
+  def save_and_exit(done, eval_metrics=None):
+    run.check(state)
+    if ckpt.latest_step() != done:
+      ckpt.save(done, state, metrics=eval_metrics, force=True)
+    logging.warning('preempted: saved step %d, exiting', done)
+    raise SystemExit(0)
+
   # Pending async saves are finished (and their threads joined) on every
   # exit: normal end, preemption, a non-finite step or any error.
   try:
     with _Preemption() as preempt:
       for step in range(start, total):
-        batch = next(data)
+        # A single process leaves at once on a signal that comes while it
+        # waits for input; several agree at the next log step.
+        try:
+          batch = feed.next_batch(lambda: alone and preempt.requested)
+        except input_feed.InputStopped:
+          save_and_exit(step)
         state, step_metrics = trainer.step_fn(batch)(state, batch)
-        pending.append(step_metrics)
         done = step + 1
+        run.pending.append((done, step_metrics))
         for h in hooks:
           h(done)
         log_now = done % t.log_every_steps == 0 or done == total
+        if log_now or ckpt.manager.should_save(done):
+          run.check(state)  # before any save: never checkpoint a bad step
         if log_now:
-          summary = _summarize(jax.device_get(pending))
-          pending = []
-          skipped = int(jax.device_get(state.num_skipped))
-          if summary['nonfinite'] > 0 and not t.skip_nonfinite:
-            bad = int(jax.device_get(state.last_skipped_step))
-            raise FloatingPointError(
-              f'non-finite loss or gradient at step {bad}; the update was not '
-              'applied and no checkpoint holds it (set train.skip_nonfinite '
-              'to skip such steps)'
-            )
-          now = time.time()
-          rate = (done - last_step) / max(now - last_time, 1e-9)
-          if last_step > start:
-            timed_steps += done - last_step
-            timed_s += now - tick
-          last_time, last_step, tick = now, done, now
-          summary.update(
-            steps_per_sec=rate,
-            images_per_sec=rate * images_per_step,
-            num_skipped=skipped,
-          )
-          writer.write_scalars(done, summary)
-          if jax.process_index() == 0:
-            steady = timed_steps / timed_s if timed_s > 0 else rate
-            eta = (total - done) / max(steady, 1e-9)
-            logging.info('%s', progress_line(done, total, summary, eta))
+          run.log(done, total, state, writer)
+          lock.refresh()
         eval_metrics = None
         if evaluate_fn and eval_every > 0 and done % eval_every == 0:
           eval_metrics = evaluate_fn(state, done)
           writer.write_scalars(
             done, {f'eval/{k}': v for k, v in eval_metrics.items()}
           )
-          tick = time.time()  # the ETA's rate counts steps only
+          run.tick = time.time()  # the ETA's rate counts steps only
         ckpt.save(done, state, metrics=eval_metrics)
         # Several processes agree on preemption at log steps only (it is a
         # collective); a single process checks after every step.
-        if (jax.process_count() == 1 or log_now) and preempt.synced():
-          if ckpt.latest_step() != done:
-            ckpt.save(done, state, metrics=eval_metrics, force=True)
-          logging.warning('preempted: saved step %d, exiting', done)
-          raise SystemExit(0)
+        if (alone or log_now) and preempt.synced():
+          save_and_exit(done, eval_metrics)
+    run.check(state)
     final_metrics = None
     if evaluate_fn and (eval_every <= 0 or total % eval_every != 0):
       final_metrics = evaluate_fn(state, total)
@@ -320,7 +407,7 @@ def train_and_evaluate(
     if ckpt.latest_step() != total:
       ckpt.save(total, state, metrics=final_metrics, force=True)
   finally:
-    ckpt.close()
+    feed.close()
     writer.flush()
   return state
 
