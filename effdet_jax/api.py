@@ -17,7 +17,8 @@ from effdet_jax import model_checks, registry
 from effdet_jax.models import efficientnet
 from effdet_jax.models.efficientdet import EfficientDet
 
-_DTYPES = {
+# Compute dtypes by name (parameters and BN statistics stay float32).
+DTYPES = {
   'float32': jnp.float32,
   'bfloat16': jnp.bfloat16,
   'float16': jnp.float16,
@@ -86,8 +87,8 @@ def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
   cfg = dict(cfg)
   _warn_deprecated(cfg)
   dtype = cfg.get('dtype', 'float32')
-  if dtype not in _DTYPES:
-    raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}')
+  if dtype not in DTYPES:
+    raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
   spec = efficientnet.backbone_spec(
     cfg['backbone_name'], cfg.get('backbone_survival_prob')
   )
@@ -107,7 +108,7 @@ def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
     conv_after_downsample=bool(cfg['conv_after_downsample']),
     conv_bn_act_pattern=bool(cfg['conv_bn_act_pattern']),
     head_survival_prob=cfg.get('survival_prob'),
-    dtype=_DTYPES[dtype],
+    dtype=DTYPES[dtype],
     remat=remat,
   )
 
@@ -166,10 +167,15 @@ def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
   ckptr.wait_until_finished()
 
 
-def load(path: str) -> ModelAndVariables:
+def load(path: str, dtype: str | None = None) -> ModelAndVariables:
   """`(model, variables)` from a converter/`save` directory or a workdir.
 
   For a training workdir the latest checkpoint's EMA variables are used.
+  The model computes in `dtype` ('float32' | 'bfloat16' | 'float16') when
+  given, else in the saved config's `dtype` (float32 for a converted
+  checkpoint unless it was converted with `--dtype`; a training workdir's
+  recipe, e.g. bfloat16 for D6-D7x). The variables are the same either way
+  (float32); `.config.dtype` says what the model computes in.
   """
   import orbax.checkpoint as ocp
 
@@ -181,6 +187,10 @@ def load(path: str) -> ModelAndVariables:
       '`python -m effdet_jax.convert` or effdet_jax.api.save'
     )
   cfg = model_checks.read_model_config(cfg_file)
+  if dtype is not None:
+    if dtype not in DTYPES:
+      raise ValueError(f'unknown dtype {dtype!r}; valid: {sorted(DTYPES)}')
+    cfg['dtype'] = dtype
   for key in ('image_size', 'aspect_ratios', 'mean_rgb', 'stddev_rgb'):
     if isinstance(cfg.get(key), list):
       cfg[key] = tuple(cfg[key])

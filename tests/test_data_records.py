@@ -1,6 +1,7 @@
 """Sources against independent references: the official converter's
 records, pycocotools reading the json, the VOC XML, and TFDS wiring."""
 
+import glob
 import json
 import os
 import pathlib
@@ -95,7 +96,7 @@ def test_writer_matches_official_records(tmp_path):
     a = _features(f'{prefix}-{i:05d}-of-00002.tfrecord')
     b = _features(str(ORACLE / f'coco16-{i:05d}-of-00002.tfrecord'))
     assert a.keys() == b.keys()
-  labels = json.loads(pathlib.Path(prefix + '_label_map.json').read_text())
+  labels = json.loads((tmp_path / 'label_map.coco16.json').read_text())
   assert labels['1'] == 'person' and labels['90'] == 'toothbrush'
 
 
@@ -228,6 +229,78 @@ def test_voc_tool_matches_xml(tmp_path):
     assert raw[image_id]['classes'].tolist() == classes
   coco = COCO(str(tmp_path / 'json_b.json'))  # the eval json beside
   assert len(coco.getAnnIds()) == sum(len(r['classes']) for r in raw.values())
+
+
+def _voc_bccd(prefix, num_shards=2):
+  """Three BCCD images written with the VOC tool (label map and eval json
+  beside the records)."""
+  root = pathlib.Path(prefix).parent
+  split = root / 'split.txt'
+  split.write_text('BloodImage_00338\nBloodImage_00000\n')
+  label_map = root / 'map.json'
+  label_map.write_text('{"RBC": 1, "WBC": 2, "Platelets": 3}')
+  create_tfrecord.convert(
+    'voc',
+    str(BCCD / 'xml'),
+    str(BCCD / 'images'),
+    prefix,
+    num_shards=num_shards,
+    split=str(split),
+    label_map=str(label_map),
+  )
+
+
+BCCD_NAMES = {1: 'RBC', 2: 'WBC', 3: 'Platelets'}
+
+
+def test_official_val_glob_matches_only_records(tmp_path):
+  """The official README reads `--validation_file_pattern=tfrecord/val*`:
+  that glob must match the shards and nothing we write beside them (a
+  json there fails the official reader: `corrupted record at 0`)."""
+  out = tmp_path / 'tfrecord'
+  out.mkdir()
+  prefix = str(out / 'val')
+  _voc_bccd(prefix)
+  matched = sorted(tf.io.gfile.glob(prefix + '*'))
+  assert matched == [f'{prefix}-{i:05d}-of-00002.tfrecord' for i in range(2)]
+  assert sorted(glob.glob(prefix + '*')) == matched
+  count = 0
+  for path in matched:  # as the official reader: every record parses
+    for record in tf.data.TFRecordDataset(path):
+      tf.train.Example.FromString(record.numpy())
+      count += 1
+  assert count == 2
+  # The side files exist, under names the glob does not match.
+  assert (out / 'label_map.val.json').exists()
+  assert (out / 'json_val.json').exists()
+  # Our pipeline, given the official pattern, finds the label map and
+  # reads the examples.
+  config = testing.small_config(source='tfrecord', eval_pattern=prefix + '*')
+  assert sources.dataset_label_map(config) == BCCD_NAMES
+  assert len(_eval_raw(source='tfrecord', eval_pattern=prefix + '*')) == 2
+
+
+def test_label_map_of_records_written_before_the_rename(tmp_path):
+  """Records written with the old PREFIX_label_map.json still find it;
+  the new name wins when both are present."""
+  prefix = str(tmp_path / 'val')
+  _voc_bccd(prefix, num_shards=1)
+  new = tmp_path / 'label_map.val.json'
+  old = tmp_path / 'val_label_map.json'
+  new.rename(old)
+  config = testing.small_config(
+    source='tfrecord', eval_pattern=prefix + '-*.tfrecord'
+  )
+  assert sources.dataset_label_map(config) == BCCD_NAMES
+  new.write_text('{"1": "a", "2": "b", "3": "c"}')
+  assert sources.dataset_label_map(config) == {1: 'a', 2: 'b', 3: 'c'}
+
+
+def test_output_name_a_side_file_would_match_is_refused(tmp_path):
+  for base in ('label', 'json'):
+    with pytest.raises(ValueError, match='would match the shard pattern'):
+      _voc_bccd(str(tmp_path / base))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['map.json', 'split.txt']
 
 
 def test_tfds_coco_wiring(monkeypatch):

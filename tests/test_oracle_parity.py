@@ -7,10 +7,12 @@ with `effdet_jax.load`, and compare every level within
 1e-4 * max(1, max|official|).
 """
 
+import json
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
@@ -112,3 +114,74 @@ def test_checkpoint_without_ema_needs_flag(oracle_dir, tmp_path):
     raw['params']['class_net']['class-predict']['bias'],
     reader.get_tensor('class_net/class-predict/bias'),
   )
+
+
+def _convert(oracle_dir, out, *flags):
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'effdet_jax.convert',
+      '--source=tf',
+      f'--input={oracle_dir / "tf1_ckpt"}',
+      '--config=configs/d0.py',
+      f'--output={out}',
+      *flags,
+    ],
+    check=True,
+    cwd=REPO,
+    capture_output=True,
+  )
+  return out
+
+
+def _max_rel_diff(outputs, ref) -> float:
+  """max over levels of max|ours - official| / max(1, max|official|)."""
+  cls, box = outputs
+  worst = 0.0
+  for i, level in enumerate(range(3, 8)):
+    for name, ours in (('cls', cls[i]), ('box', box[i])):
+      theirs = ref[f'{name}_l{level}']
+      assert ours.dtype == jnp.float32  # bf16 compute still returns f32
+      diff = float(np.abs(np.asarray(ours) - theirs).max())
+      worst = max(worst, diff / max(1.0, float(np.abs(theirs).max())))
+  return worst
+
+
+@pytest.mark.slow
+def test_converted_computes_in_float32_unless_asked(oracle_dir, tmp_path):
+  """configs/d6, d7 and d7x train in bfloat16; the converter records the
+  weights, not that recipe: a bf16 config converts to a model that
+  computes in f32 (official outputs within 1e-4). bf16 only when asked, by
+  the converter's --dtype or load(dtype=); its own tolerance is 2e-2
+  relative (bf16 keeps 8 mantissa bits: 0.7% here, ~0.5% on
+  D7x in issue 25)."""
+  recipe = '--config.model.dtype=bfloat16'
+  plain = _convert(oracle_dir, tmp_path / 'f32', recipe)
+  asked = _convert(oracle_dir, tmp_path / 'bf16', recipe, '--dtype=bfloat16')
+  for out, want in ((plain, 'float32'), (asked, 'bfloat16')):
+    assert json.loads((out / 'model_config.json').read_text())['dtype'] == want
+    assert json.loads((out / 'conversion.json').read_text())['dtype'] == want
+  with pytest.raises(ValueError, match='unknown dtype'):
+    effdet_jax.load(str(plain), dtype='float64')
+
+  x = np.load(oracle_dir / 'input.npy')
+  ref = np.load(oracle_dir / 'outputs.npz')
+  diffs = {}
+  for out, dtype, want in (
+    (plain, None, jnp.float32),
+    (plain, 'bfloat16', jnp.bfloat16),
+    (asked, None, jnp.bfloat16),
+    (asked, 'float32', jnp.float32),
+  ):
+    loaded = effdet_jax.load(str(out), dtype=dtype)
+    model, variables = loaded
+    assert model.dtype == want and loaded.config.dtype == jnp.dtype(want).name
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+    diffs[out.name, dtype] = _max_rel_diff(
+      jax.jit(model.apply)(variables, x), ref
+    )
+  assert diffs['f32', None] <= 1e-4 and diffs['bf16', 'float32'] <= 1e-4
+  # bf16 is really used (far above the f32 agreement), within its tolerance.
+  for key in (('f32', 'bfloat16'), ('bf16', None)):
+    assert 1e-3 < diffs[key] <= 2e-2, (key, diffs[key])

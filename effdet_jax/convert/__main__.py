@@ -30,6 +30,14 @@ normalisation (mean 0, std 1, scale_range: x * 2 / 255 - 1, i.e. [-1, 1])
 into OUT_DIR/model_config.json; use the same three `model` fields in the
 training config (init_from checks they agree).
 
+`--dtype` (default float32): the compute dtype written into
+OUT_DIR/model_config.json. The converter records the weights, not the
+training recipe: configs/d6.py, d7.py and d7x.py train in bfloat16, but a
+converted checkpoint computes in float32 (what the official model computes,
+within 1e-4 on the oracle) unless `--dtype=bfloat16` is given. Parameters
+and BN statistics are float32 either way; `effdet_jax.load(OUT_DIR,
+dtype=...)` can also choose at load time.
+
 A detector output opens with `effdet_jax.load(OUT_DIR)`; any output can be
 a training run's `config.init_from.path`.
 """
@@ -69,6 +77,13 @@ def _define_flags() -> None:
     'AdvProp weights: record [-1, 1] input scaling (mean 0, std 1, '
     'scale_range) in the output model config.',
   )
+  flags.DEFINE_enum(
+    'dtype',
+    'float32',
+    list(api.DTYPES),
+    'Compute dtype recorded in the output model config (whatever the '
+    "config's model.dtype, the training recipe, says).",
+  )
   flags.mark_flags_as_required(['config', 'source', 'input', 'output'])
 
 
@@ -76,10 +91,16 @@ def main(argv):
   del argv
   f = flags.FLAGS
   allow_missing = f['allow-missing'].value
-  cfg = f.config.model
-  if f.advprop:
-    cfg = cfg.copy_and_resolve_references()
-    with cfg.unlocked():
+  cfg = f.config.model.copy_and_resolve_references()
+  if cfg.get('dtype', 'float32') != f.dtype:
+    logging.info(
+      'config model.dtype=%s (training recipe); the output records --dtype=%s',
+      cfg.get('dtype'),
+      f.dtype,
+    )
+  with cfg.unlocked():
+    cfg.dtype = f.dtype
+    if f.advprop:
       cfg.update(tf_backbone.ADVPROP_INPUT)
   variables, report = convert(
     f.source, f.input, cfg, f.ema, allow_missing, with_report=True
@@ -94,6 +115,7 @@ def main(argv):
     kind=kind,
     ema=f.ema,
     advprop=f.advprop,
+    dtype=f.dtype,
     allow_missing=allow_missing,
     values=int(n),
   )

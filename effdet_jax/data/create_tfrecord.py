@@ -12,8 +12,12 @@ converters do, with their feature keys and encodings
 `_create_tf_record_from_coco_annotations`;
 `efficientdet/dataset/create_pascal_tfrecord.py: dict_to_tf_example` and
 `main`), so the official dataloader reads ours and we read theirs. Beside
-them: PREFIX_label_map.json ({id: name}) and, for VOC, the official
-json_<basename>.json COCO annotations for evaluation. Annotations the
+them, named so that the official shard glob `PREFIX*` (the official
+README's `--validation_file_pattern=tfrecord/val*`) matches only the
+records: DIR/label_map.BASE.json ({id: name}) for PREFIX = DIR/BASE and,
+for VOC, the official DIR/json_BASE.json COCO annotations for evaluation.
+A BASE that those names would start with (`label_map`, `json`, ...) is
+refused before anything is written. Annotations the
 official COCO converter skips (w or h <= 0, beyond the image) are skipped
 and counted; an unreadable or missing image is skipped and counted (the
 official tool would crash); images without annotations are kept. A VOC
@@ -265,6 +269,19 @@ def write_shards(
   return paths, count
 
 
+def check_side_files(output: str, side_files: list[str]) -> None:
+  """Raises ValueError when a file written beside the records would match
+  the shards' glob `PREFIX*` (official readers would read it as a record
+  and fail: `DataLossError: corrupted record at 0`)."""
+  base = os.path.basename(output)
+  clash = [p for p in side_files if os.path.basename(p).startswith(base)]
+  if clash:
+    raise ValueError(
+      f'--output={output}: {clash} would match the shard pattern '
+      f'{output}* and break readers of it; choose another output name'
+    )
+
+
 def convert(
   fmt: str,
   annotations: str,
@@ -276,6 +293,12 @@ def convert(
   strict: bool = False,
 ) -> Skipped:
   """Writes the records and the label map; returns the skip counts."""
+  label_map_path = label_maps.records_file(output)
+  json_path = os.path.join(
+    os.path.dirname(os.path.abspath(output)),
+    'json_' + os.path.basename(output) + '.json',
+  )
+  check_side_files(output, [label_map_path, json_path])
   skipped: Skipped = collections.Counter()
   if fmt == 'coco':
     with open(annotations) as f:
@@ -298,15 +321,11 @@ def convert(
       annotations, images, split, name_to_id, skipped, coco_json, strict
     )
     paths, count = write_shards(examples, output, num_shards)
-    json_path = os.path.join(
-      os.path.dirname(os.path.abspath(output)),
-      'json_' + os.path.basename(output) + '.json',
-    )
     with open(json_path, 'w') as f:
       json.dump(coco_json, f)
   else:
     raise ValueError(f"--format must be 'coco' or 'voc', not {fmt!r}")
-  label_maps.save(output + '_label_map.json', names)
+  label_maps.save(label_map_path, names)
   summary = ', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))
   print(f'wrote {count} records to {len(paths)} shards {output}-*')
   print(f'skipped / noted: {summary or "nothing"}')

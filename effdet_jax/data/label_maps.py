@@ -159,6 +159,22 @@ def save(path: str, label_map: dict[int, str]) -> None:
 WORKDIR_FILE = 'label_map.json'
 
 
+def records_file(prefix: str) -> str:
+  """Where create_tfrecord writes the label map of PREFIX-*.tfrecord:
+  DIR/label_map.BASE.json for PREFIX = DIR/BASE. The name does not start
+  with BASE, so the official shard glob (`--validation_file_pattern=
+  DIR/val*`) matches only the records."""
+  directory, base = os.path.split(prefix)
+  return os.path.join(directory, f'label_map.{base}.json')
+
+
+def records_files(prefix: str) -> tuple[str, str]:
+  """`records_file(prefix)`, then the name records written before it used
+  (PREFIX_label_map.json, which the official `PREFIX*` glob matched): the
+  names to look for, in order."""
+  return records_file(prefix), prefix + '_label_map.json'
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassMap:
   """The classes of a run: the model's 1-based class id -> name, and ->

@@ -347,9 +347,10 @@ def dataset_label_map(config: Any) -> dict[int, str]:
     pattern = data.train_pattern or data.eval_pattern
     first = list_files(pattern)[0]
     prefix = re.sub(r'-\d{5}-of-\d{5}\.tfrecord$', '', first)
-    path = prefix + '_label_map.json'
-    if tf.io.gfile.exists(path):
-      return label_maps.load(path)
+    # The second name: records written before the rename keep theirs.
+    for path in label_maps.records_files(prefix):
+      if tf.io.gfile.exists(path):
+        return label_maps.load(path)
   if config.model.num_classes == 90:
     return dict(label_maps.COCO)
   return {i: str(i) for i in range(1, config.model.num_classes + 1)}

@@ -2,10 +2,11 @@
 
   python -m effdet_jax.tools.export --checkpoint=DIR --output=DIR \\
       [--config=configs/demo.py] [--max_boxes=100] [--batch_size=0] \\
-      [--platforms=cpu] [--tflite]
+      [--platforms=cpu] [--tflite] [--dtype=bfloat16]
 
 `--checkpoint` is a training workdir (its EMA weights) or a converter /
-`effdet_jax.save` directory; the model config saved there is authoritative.
+`effdet_jax.save` directory; the model config saved there is authoritative
+(`--dtype`, if given, overrides only its compute dtype, as for infer).
 `--config`, if given, supplies the NMS method (`eval.nms_method`), as for
 `effdet_jax.tools.infer`.
 
@@ -252,6 +253,13 @@ def _define_flags() -> None:
   flags.DEFINE_string(
     'platforms', 'cpu', 'Comma-separated jax platforms: cpu, cuda, tpu.'
   )
+  flags.DEFINE_enum(
+    'dtype',
+    None,
+    list(api.DTYPES),
+    "Compute dtype; default: the checkpoint's model config (float32 for "
+    'a converted checkpoint).',
+  )
   flags.DEFINE_bool(
     'tflite', False, f'Also write OUTPUT/{TFLITE_FILE} (see the docstring).'
   )
@@ -267,7 +275,7 @@ def main(argv):
     if not f[name].value:
       raise app.UsageError(f'--{name} is required')
   config = f.config
-  loaded = api.load(f.checkpoint)
+  loaded = api.load(f.checkpoint, dtype=f.dtype)
   nms_method = config.eval.nms_method if config is not None else 'gaussian'
   output = export_saved_model(
     loaded[0],

@@ -2,10 +2,12 @@
 
   python -m effdet_jax.tools.infer --checkpoint=DIR --input=IMAGE|DIR|VIDEO \\
       --output=DIR [--config=configs/demo.py] [--min_score=0.4] \\
-      [--max_boxes=100] [--batch_size=8]
+      [--max_boxes=100] [--batch_size=8] [--dtype=bfloat16]
 
 `--checkpoint` is a training workdir (its EMA weights) or a converter
-directory; the model config saved there is authoritative. `--config`, if
+directory; the model config saved there is authoritative (`--dtype`, if
+given, overrides only its compute dtype: a converted checkpoint computes in
+float32, a D6-D7x workdir in its recipe's bfloat16). `--config`, if
 given, supplies the NMS method and, when the checkpoint has no
 `label_map.json` (a training workdir has), the class names.
 Writes `OUTPUT/detections.json` (COCO result dicts, `image_id` = the file
@@ -238,6 +240,13 @@ def _define_flags() -> None:
   flags.DEFINE_float('min_score', 0.4, 'Keep scores >= this.')
   flags.DEFINE_integer('max_boxes', 100, 'Detections per image.')
   flags.DEFINE_integer('batch_size', 8, 'Images per compiled call.')
+  flags.DEFINE_enum(
+    'dtype',
+    None,
+    list(api.DTYPES),
+    "Compute dtype; default: the checkpoint's model config (float32 for "
+    'a converted checkpoint).',
+  )
   flags.DEFINE_string(
     'label_map', '', "coco | voc | shapes | a json file; '' = from --config."
   )
@@ -256,7 +265,7 @@ def main(argv):
   malloc_tuning.reexec_if_untuned()
   malloc_tuning.dispatch_inline()
   config = f.config
-  loaded = api.load(f.checkpoint)
+  loaded = api.load(f.checkpoint, dtype=f.dtype)
   nms_method = config.eval.nms_method if config is not None else 'gaussian'
   predictor = inference.Predictor(
     loaded[0],
