@@ -27,6 +27,11 @@ INFO. (TensorFlow 2.21 prints its oneDNN notice at import whatever the
 settings.) Warnings and errors always show. metrics.jsonl and TensorBoard
 hold every metric either way.
 
+Failures: SIGTERM and Ctrl-C save the current step and exit 0 (a second
+Ctrl-C stops at once). An error ends with one message (its first lines) and
+exit status 1; the full traceback is appended to `WORKDIR/error.log`
+(`--verbose` prints it too).
+
 On a CPU host the program re-executes itself once with glibc malloc
 tunables (`effdet_jax/cpu/malloc_tuning.py`; `EFFDET_TUNE_MALLOC=0` opts
 out); never on a TPU/GPU host or with `--backend=xla`.
