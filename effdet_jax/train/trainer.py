@@ -23,7 +23,12 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import api, files
 from effdet_jax.detection import anchors as anchors_lib
-from effdet_jax.runtime import checkpoint, partitioning, workdir_lock
+from effdet_jax.runtime import (
+  checkpoint,
+  partitioning,
+  startup,
+  workdir_lock,
+)
 from effdet_jax.train import (
   divergence,
   freeze,
@@ -306,12 +311,15 @@ def train_and_evaluate(
     batches: optional iterator of global batches to use instead of the
       configured input pipeline (given the start step).
   """
+  timer = startup.StartupTimer()
+  timer.mark('imports')
   from effdet_jax.data import dataset_checks  # noqa: PLC0415 - imports tf
 
   with workdir_lock.WorkdirLock(workdir) as lock:
     # Before any compile: data that cannot fit the config stops the run here.
     dataset_checks.prepare_training(config, workdir)
     trainer = Trainer(config, workdir)
+    timer.mark('setup')
     ckpt = checkpoint.Checkpointer(
       workdir,
       config.checkpoint.every_steps,
@@ -330,14 +338,25 @@ def train_and_evaluate(
         logging.info('resumed from step %d', int(state.step))
         if config.get('init_from') and config.init_from.path:
           logging.info('init_from ignored: the workdir has its own checkpoint')
+      timer.mark('init')
       return _loop(
-        config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock
+        config,
+        workdir,
+        trainer,
+        ckpt,
+        state,
+        evaluate_fn,
+        batches,
+        lock,
+        timer,
       )
     finally:
       ckpt.close()
 
 
-def _loop(config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock):
+def _loop(
+  config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock, timer
+):
   """The steps, evaluations and saves of `train_and_evaluate`."""
   t = config.train
   start = int(state.step)
@@ -367,6 +386,7 @@ def _loop(config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock):
   eval_every = int(config.eval.every_steps)
   run = _Run(config, start)
   alone = jax.process_count() == 1
+  step_exec = None
   logging.info('training steps %d..%d of %d', start + 1, total, total)
 
   def save_and_exit(done, eval_metrics=None):
@@ -387,8 +407,20 @@ def _loop(config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock):
           batch = feed.next_batch(lambda: alone and preempt.requested)
         except input_feed.InputStopped:
           save_and_exit(step)
-        state, step_metrics = trainer.step_fn(batch)(state, batch)
+        if step_exec is None:
+          # Compiled explicitly, so the start-up line can tell the compile
+          # from the data wait and the first step (shapes are static: one
+          # program serves every batch).
+          timer.mark('data')
+          step_exec = trainer.step_fn(batch).lower(state, batch).compile()
+          timer.mark('compile')
+        state, step_metrics = step_exec(state, batch)
         done = step + 1
+        if step == start:
+          jax.block_until_ready(step_metrics['loss'])
+          timer.mark('first step')
+          if jax.process_index() == 0:
+            logging.info('%s', timer.line(done))
         run.pending.append((done, step_metrics))
         for h in hooks:
           h(done)
