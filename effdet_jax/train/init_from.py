@@ -16,7 +16,9 @@ so a preempted finetuning run never goes back to the pretrained weights.
     workdir (latest step; `ema` picks the EMA or the raw variables);
   * a directory with `model_config.json` and `variables/`: the output of
     `python -m effdet_jax.convert` or `effdet_jax.api.save` (one copy, as
-    converted; a `--source=tf-backbone` output holds only the backbone);
+    converted; a `--source=tf-backbone` output holds only the backbone, a
+    `--source=torch-backbone` output a backbone and fresh rest: both are
+    kind='backbone');
   * anything `tf.train.load_checkpoint` opens: an official TF checkpoint
     folder or prefix (detector, or EfficientNet for kind='backbone').
 
@@ -81,7 +83,9 @@ def source_format(path: str) -> str:
     raise FileNotFoundError(
       f'init_from.path={path!r} is none of: a .h5 file, a directory written '
       'by `python -m effdet_jax.convert` / effdet_jax.api.save, a training '
-      f'workdir, a TF checkpoint ({type(err).__name__}: {err})'
+      f'workdir, a TF checkpoint ({type(err).__name__}: {err}); a PyTorch '
+      '.pth converts first (python -m effdet_jax.convert --source='
+      'torch-backbone or effdet)'
     ) from None
   return 'tf'
 
@@ -141,7 +145,8 @@ def _check_normalisation(src_cfg: dict, model_cfg: Any, path: str) -> None:
 
 
 def _converted_kind(path: str) -> str:
-  """'backbone' for a `--source=tf-backbone` output, else 'detector'."""
+  """'backbone' for a `--source=tf-backbone`/`torch-backbone` output,
+  else 'detector'."""
   info = os.path.join(path, 'conversion.json')
   if not os.path.isfile(info):
     return 'detector'
@@ -194,7 +199,8 @@ def load(init: Any, model_cfg: Any, abstract: dict):
     backbone_only = fmt == 'converted' and _converted_kind(path) == 'backbone'
     if kind == 'detector' and backbone_only:
       raise ValueError(
-        f'init_from {path} holds only a backbone (--source=tf-backbone); '
+        f'init_from {path} holds only a pretrained backbone (--source='
+        'tf-backbone or torch-backbone); '
         "set init_from.kind='backbone'"
       )
     tree, src_cfg = _our_tree(path, fmt, init.ema)
