@@ -21,12 +21,7 @@ import effdet_jax
 from effdet_jax import ops
 
 
-@pytest.fixture(scope='module', params=[True, False], ids=['ema', 'raw'])
-def converted(request, oracle_dir, tmp_path_factory):
-  """The oracle checkpoint converted with the real CLI (EMA or raw weights)
-  and the official outputs for it."""
-  ema = request.param
-  out = tmp_path_factory.mktemp('d0')
+def _convert(oracle_dir, out, *flags):
   subprocess.run(
     [
       sys.executable,
@@ -36,10 +31,22 @@ def converted(request, oracle_dir, tmp_path_factory):
       f'--input={oracle_dir / "tf1_ckpt"}',
       '--config=configs/d0.py',
       f'--output={out}',
-      f'--ema={str(ema).lower()}',
+      *flags,
     ],
     check=True,
     cwd=REPO,
+    capture_output=True,
+  )
+  return out
+
+
+@pytest.fixture(scope='module', params=[True, False], ids=['ema', 'raw'])
+def converted(request, oracle_dir, tmp_path_factory):
+  """The oracle checkpoint converted with the real CLI (EMA or raw weights)
+  and the official outputs for it."""
+  ema = request.param
+  out = _convert(
+    oracle_dir, tmp_path_factory.mktemp('d0'), f'--ema={str(ema).lower()}'
   )
   outputs = 'outputs.npz' if ema else 'outputs_raw.npz'
   return out, np.load(oracle_dir / outputs)
@@ -114,25 +121,6 @@ def test_checkpoint_without_ema_needs_flag(oracle_dir, tmp_path):
     raw['params']['class_net']['class-predict']['bias'],
     reader.get_tensor('class_net/class-predict/bias'),
   )
-
-
-def _convert(oracle_dir, out, *flags):
-  subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'effdet_jax.convert',
-      '--source=tf',
-      f'--input={oracle_dir / "tf1_ckpt"}',
-      '--config=configs/d0.py',
-      f'--output={out}',
-      *flags,
-    ],
-    check=True,
-    cwd=REPO,
-    capture_output=True,
-  )
-  return out
 
 
 def _max_rel_diff(outputs, ref) -> float:
