@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO
-from train_utils import fixed_batch, tiny_config
+from train_utils import demo_cli, fixed_batch, tiny_config
 
 import effdet_jax
 from effdet_jax.data import checks
@@ -335,14 +335,7 @@ def test_cli_error_is_one_short_message_with_the_detail_in_the_workdir(
   os.makedirs(workdir)
   with workdir_lock.WorkdirLock(str(workdir)):
     proc = subprocess.run(
-      [
-        sys.executable,
-        '-m',
-        'effdet_jax.main',
-        '--config=configs/demo.py:test',
-        f'--workdir={workdir}',
-        '--mode=train',
-      ],
+      demo_cli(workdir),
       cwd=REPO,
       env=dict(
         os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'

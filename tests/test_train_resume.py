@@ -4,13 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import REPO
+from train_utils import demo_cli
 
 from effdet_jax import config_files
 from effdet_jax.runtime import checkpoint
@@ -18,18 +18,6 @@ from effdet_jax.train.trainer import Trainer
 
 # CLI subprocess runs: real training processes (CI runs them).
 pytestmark = pytest.mark.slow
-
-
-def _cmd(workdir, *extra):
-  return [
-    sys.executable,
-    '-m',
-    'effdet_jax.main',
-    '--config=configs/demo.py:test',
-    f'--workdir={workdir}',
-    '--mode=train',
-    *extra,
-  ]
 
 
 def _env():
@@ -49,7 +37,7 @@ def _logged_step(workdir):
 
 def _start_and_wait(workdir, step, *extra):
   proc = subprocess.Popen(
-    _cmd(workdir, *extra),
+    demo_cli(workdir, *extra),
     cwd=REPO,
     env=_env(),
     stdout=subprocess.DEVNULL,
@@ -77,7 +65,7 @@ def _final_state(workdir):
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
   a, b = tmp_path / 'a', tmp_path / 'b'
   subprocess.run(
-    _cmd(a),
+    demo_cli(a),
     cwd=REPO,
     env=_env(),
     check=True,
@@ -90,7 +78,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
   proc.wait()
   assert _logged_step(b) < 6
   subprocess.run(
-    _cmd(b),
+    demo_cli(b),
     cwd=REPO,
     env=_env(),
     check=True,

@@ -1,5 +1,7 @@
 """Tiny configs and fixed batches for the training-system tests."""
 
+import sys
+
 import numpy as np
 
 from effdet_jax import config_files
@@ -42,3 +44,16 @@ def fixed_batch(config, seed=0):
     classes[i, :n] = rng.integers(1, config.model.num_classes + 1, n)
   image = rng.normal(size=(b, h, w, 3)).astype(np.float32)
   return {'image': image, 'boxes': boxes, 'classes': classes}
+
+
+def demo_cli(workdir, *extra):
+  """`python -m effdet_jax.main` training configs/demo.py:test in `workdir`."""
+  return [
+    sys.executable,
+    '-m',
+    'effdet_jax.main',
+    '--config=configs/demo.py:test',
+    f'--workdir={workdir}',
+    '--mode=train',
+    *extra,
+  ]
