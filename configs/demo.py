@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
   # A 7-minute focal-loss detector is right but not yet confident.
   config.eval.draw_min_score = 0.1
   if 'test' in args:  # seconds, for the test suite
+    m.name, m.backbone_name = 'efficientdet-tiny', 'efficientnet-b0-tiny'
     m.fpn_num_filters, m.fpn_cell_repeats, m.box_class_repeats = 16, 1, 1
     d.synthetic_train_size, d.synthetic_eval_size = 64, 8
     t.batch_size = config.eval.batch_size = 4

@@ -95,9 +95,9 @@ def test_drop_connect_needs_and_uses_rng():
 
 
 @pytest.mark.slow
-def test_bfloat16_compute_keeps_f32_params_and_stats():
+def test_bfloat16_compute_keeps_f32_params_and_stats(d0_3cls):
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 128, 128, 3))
-  m32, v = effdet_jax.create_model('efficientdet-d0', num_classes=3)
+  m32, v = d0_3cls
   m16 = effdet_jax.build_model(
     effdet_jax.model_config('efficientdet-d0', num_classes=3, dtype='bfloat16')
   )

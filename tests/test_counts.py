@@ -5,17 +5,25 @@ trainable count); FLOPs (TF profiler float ops // 2 at image_size) within 2%
 for D0-D7x.
 """
 
+import functools
+
 import pytest
 
 from effdet_jax import api, registry
 from effdet_jax.tools import summary
 
 
+@functools.cache
+def _summary(name: str) -> dict:
+  """summary.summarize of a registered model (traced once per module)."""
+  return summary.summarize(api.model_config(name))
+
+
 @pytest.mark.parametrize('name', registry.model_names())
 @pytest.mark.slow
 def test_counts_equal_official(name, official_counts):
   ref = official_counts[name]
-  s = summary.summarize(api.model_config(name))
+  s = _summary(name)
   assert s['params'] == ref['params']
   assert s['bn_statistics'] == ref['bn_statistics']
   assert s['params_split'] == ref['params_split']
@@ -34,7 +42,7 @@ def test_paper_table_flops_rounding(official_counts):
     'efficientdet-d7x': 410,
   }
   for name, billions in paper.items():
-    flops = summary.summarize(api.model_config(name))['flops'] / 1e9
+    flops = _summary(name)['flops'] / 1e9
     assert flops == pytest.approx(billions, rel=0.03)
 
 
@@ -48,7 +56,7 @@ def test_flops_count_sees_through_the_cpu_kernels(official_counts):
 
   if not cpu_library.load():
     pytest.skip('no C++ compiler: the kernels are never used')
-  want = summary.summarize(api.model_config('efficientdet-d0'))['flops']
+  want = _summary('efficientdet-d0')['flops']
   with cpu_library.forced(True):
     s = summary.summarize(api.model_config('efficientdet-d0'))
   assert s['flops'] == want

@@ -191,6 +191,8 @@ def test_coco_json_source_gives_the_same_batches(coco24):
   )
   ia, ib = np.argsort(a['image_id']), np.argsort(b['image_id'])
   for key in a:
+    if key == 'position':  # where each source's epoch order put it
+      continue
     np.testing.assert_array_equal(a[key][ia], b[key][ib], err_msg=key)
 
 

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import REPO
 from flax import traverse_util
-from train_utils import tiny_config
+from train_utils import tiny_config as _tiny_config
 
 import effdet_jax
 from effdet_jax.convert import (
@@ -28,6 +28,13 @@ from effdet_jax.train import init_from
 from effdet_jax.train.trainer import Trainer
 
 BB = 'efficientnet-b0'
+
+
+def tiny_config(**kw):
+  """The tests' tiny detector on the oracle's real b0 backbone."""
+  config = _tiny_config(**kw)
+  config.model.name, config.model.backbone_name = 'efficientdet-d0', BB
+  return config
 EMA = '/ExponentialMovingAverage'
 
 
@@ -117,7 +124,7 @@ def test_backbone_init_from_gives_checkpoint_backbone_and_fresh_rest(
   backbone_ckpt, tmp_path
 ):
   prefix, ema_values = backbone_ckpt
-  config = tiny_config(batch_size=2)  # b0 backbone, small BiFPN and heads
+  config = tiny_config(batch_size=2)
   config.mesh.data = 1
   config.init_from.path = prefix
   config.init_from.kind = 'backbone'

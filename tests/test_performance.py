@@ -133,6 +133,7 @@ from train_utils import tiny_config
 from effdet_jax.tools import benchmark
 from effdet_jax.train import trainer
 config = tiny_config(batch_size=2)
+config.train.num_steps, config.mesh.data = 1000, 1  # the benchmark's step
 tr = trainer.Trainer(config, tempfile.mkdtemp(), jax.devices()[:1])
 b = benchmark._random_batch(2, tuple(config.model.image_size), 3)
 b = jax.device_put(b, tr.batch_sharding(b))

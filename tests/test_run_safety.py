@@ -234,11 +234,20 @@ def test_signal_while_input_stalls_saves_and_exits_zero(tmp_path, sig):
   workdir = str(tmp_path)
   batches = _stalling_batches(config, 2)
 
-  # The signal comes once step 2's input has stalled (well after compile).
+  # The signal comes once step 2 is logged: the loop then waits for step
+  # 3's input, which has stalled (a signal that came before the wait would
+  # be seen after step 2 all the same).
+  def logged_steps():
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return [json.loads(x)['step'] for x in f if x.strip().endswith('}')]
+
   def watch():
-    while not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    while 2 not in logged_steps():
       time.sleep(0.1)
-    time.sleep(1.0)
+    time.sleep(0.5)
     os.kill(os.getpid(), sig)
 
   threading.Thread(target=watch, daemon=True).start()

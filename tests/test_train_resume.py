@@ -87,6 +87,11 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
   )
   sa, sb = _final_state(a), _final_state(b)
   assert int(sa.step) == int(sb.step) == 6
+  # Each checkpoint keeps the input position after its last batch: 6 steps
+  # of 4 images into the 64-image epoch 0 (the resumed run started at 12).
+  ckpt = checkpoint.Checkpointer(str(b), 3, 3)
+  assert ckpt.restore_data(6)['positions'] == [[0, 24]]
+  ckpt.close()
   for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # The workdir opens as a model (EMA variables of the latest step).

@@ -10,9 +10,11 @@ base = config_files.load_module('base')
 
 
 def tiny_config(batch_size=8, image=64, **train):
-  """A D0-block model with reduced width, depth of BiFPN/heads and size."""
+  """D0's structure, small: the efficientnet-b0-tiny backbone (10 blocks,
+  half width), one 16-filter BiFPN cell over P3-P5, one-layer heads."""
   config = base.get_config('efficientdet-d0')
   m = config.model
+  m.name, m.backbone_name = 'efficientdet-tiny', 'efficientnet-b0-tiny'
   m.image_size = (image, image)
   m.max_level = 5  # P3..P5: inputs from 32 px
   m.num_classes = 3

@@ -1,7 +1,8 @@
 """Train and eval tf.data pipelines, and host batch -> global jax.Array.
 
-    source (this host's files / examples) -> [shuffle] -> enumerate
-    -> load + check (decode, count bad input) -> preprocess (seeded by
+    source (this host's files / examples; training: epochs in an order
+    drawn from (seed, epoch), each example with its position) -> load +
+    check (decode, count bad input) -> preprocess (training: seeded by
     the example's position) -> batch -> prefetch
 
 A batch is a dict of numpy arrays with static shapes, so one compiled step
@@ -9,8 +10,10 @@ serves every batch: image [B,H,W,3] f32, boxes [B,M,4] yxyx pixels of the
 network input (-1 padded), classes [B,M] int32 1-based (-1 padded),
 image_id [B] int32, image_scale [B] f32 (original pixels per input pixel),
 image_size [B,2] int32 (original H, W), is_crowd [B,M] int32, area [B,M]
-f32; eval batches add valid [B] bool (False for the padding examples). B is
-the per-host batch: the configured global batch / jax.process_count().
+f32; training batches add position [B,2] int64 (epoch, offset: where each
+example stands in its host's stream, data/position.py), eval batches valid
+[B] bool (False for the padding examples). B is the per-host batch: the
+configured global batch / jax.process_count().
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 
-from effdet_jax.data import checks, preprocess, sources
+from effdet_jax.data import checks, position, preprocess, sources
 
 
 def _host(process_index, process_count) -> tuple[int, int]:
@@ -63,11 +66,13 @@ def examples(
   stats: checks.DataStats | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  start: position.Position = position.START,
 ) -> tf.data.Dataset:
   """(position, example) pairs: decoded, checked, not yet preprocessed.
 
-  Training examples have their crowd boxes removed (official
-  skip_crowd_during_training); the position seeds the augmentation.
+  Training positions are [2] (epoch, offset) from `start` on; eval
+  positions count the split's examples. Training examples have their crowd
+  boxes removed (official skip_crowd_during_training).
   """
   pi, pc = _host(process_index, process_count)
   data = config.data
@@ -78,11 +83,10 @@ def examples(
       int(data.get('max_consecutive_skips', 0)) if training else 0
     ),
   )
-  ds = sources.raw_examples(config, split, pi, pc)
-  if training and data.source in ('tfrecord', 'tfds'):
-    if data.shuffle_buffer_size > 0:
-      ds = ds.shuffle(data.shuffle_buffer_size, seed=data.seed)
-  ds = ds.enumerate()
+  if training:
+    ds = sources.train_examples(config, pi, pc, start)
+  else:
+    ds = sources.raw_examples(config, split, pi, pc).enumerate()
   if data.source != 'synthetic':
     load = lambda i, ex: (  # noqa: E731
       i,
@@ -99,9 +103,11 @@ def examples(
   return ds.with_options(_options(config))
 
 
-def _example_seed(config: Any, process_index: int, position) -> tf.Tensor:
+def _example_seed(config: Any, process_index: int, where) -> tf.Tensor:
+  """The augmentation seed of the example at `where` = (epoch, offset)."""
   key = tf.constant([config.data.seed, process_index], tf.int64)
-  return tf.random.experimental.stateless_fold_in(key, position)
+  key = tf.random.experimental.stateless_fold_in(key, where[0])
+  return tf.random.experimental.stateless_fold_in(key, where[1])
 
 
 def train_dataset(
@@ -110,17 +116,25 @@ def train_dataset(
   stats: checks.DataStats | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  start: position.Position = position.START,
 ) -> tf.data.Dataset:
-  """Infinite per-host training batches (augmented, drop_remainder)."""
+  """Infinite per-host training batches (augmented, drop_remainder) from
+  the stream position `start`."""
   pi, pc = _host(process_index, process_count)
   params = preprocess.Params.from_config(config)
   batch = host_batch_size(int(config.train.batch_size), pc)
   ds = examples(
-    config, 'train', stats=stats, process_index=pi, process_count=pc
+    config,
+    'train',
+    stats=stats,
+    process_index=pi,
+    process_count=pc,
+    start=start,
   )
   ds = ds.map(
-    lambda i, ex: preprocess.train_preprocess(
-      ex, _example_seed(config, pi, i), params
+    lambda where, ex: dict(
+      preprocess.train_preprocess(ex, _example_seed(config, pi, where), params),
+      position=where,
     ),
     num_parallel_calls=_parallel(config),
   )

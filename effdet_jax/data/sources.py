@@ -17,8 +17,15 @@ pipeline reads:
 The synthetic source yields already decoded examples (`image` instead of
 `encoded`/`path`). Each host reads its own part (`process_index` of
 `process_count`): whole files where there are enough of them, else every
-n-th example. Training sources repeat forever, reshuffled per epoch with
-the seed; evaluation sources are read once, in order.
+n-th example. Evaluation sources are read once, in order.
+
+Training sources are a sequence of epochs whose order is a function of
+(seed, epoch) alone (data/position.py), each example paired with its
+`Position` (epoch, offset in this host's epoch). A resumed run starts the
+stream at a saved position: the epochs before it are never read, and the
+examples of its epoch before the offset are skipped while still undecoded
+(TFRecords: serialized bytes; a COCO json: integer indices; synthetic:
+indices), so the cost of resuming does not grow with the step.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from effdet_jax.data import label_maps, synthetic, tfrecord_format
+from effdet_jax.data import label_maps, position, synthetic, tfrecord_format
 
 SOURCES = ('tfrecord', 'tfds', 'coco_json', 'synthetic')
 
@@ -46,29 +53,69 @@ def _split_key(split: str) -> str:
 def raw_examples(
   config: Any, split: str, process_index: int = 0, process_count: int = 1
 ) -> tf.data.Dataset:
-  """This host's raw (or, for synthetic, decoded) examples of a split."""
-  data = config.data
+  """This host's raw (or, for synthetic, decoded) examples of a split:
+  'eval' once, in order; 'train' forever (the examples of
+  `train_examples` without their positions)."""
   split = _split_key(split)
-  training = split == 'train'
+  if split == 'train':
+    return train_examples(config, process_index, process_count).map(
+      lambda _, ex: ex
+    )
+  data = config.data
   shard = (process_index, process_count)
   if data.source == 'tfrecord':
-    pattern = data.train_pattern if training else data.eval_pattern
-    return _tfrecord(pattern, training, data, shard)
+    return _tfrecord_eval(data.eval_pattern, data, shard)
   if data.source == 'tfds':
-    name = data.tfds_train_split if training else data.tfds_eval_split
-    return _tfds(data.tfds_name, name, training, data, shard)
+    return _tfds(data.tfds_name, data.tfds_eval_split, False, data, shard)
   if data.source == 'coco_json':
-    if training:
-      json_path, images = data.train_json, data.train_images
-    else:
-      json_path, images = data.eval_json, data.eval_images
-    remap = None
-    if data.category_ids == 'contiguous':
-      remap = class_map(config).category_to_class
-    return _coco_json(json_path, images, training, data.seed, shard, remap)
+    table = _coco_table(config, data.eval_json, data.eval_images)
+    index, count = shard
+    ds = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
+    return ds.map(_gather(table), num_parallel_calls=tf.data.AUTOTUNE)
   if data.source == 'synthetic':
-    return _synthetic(data, split, shard)
+    return _synthetic_ids(data, 'eval', shard).map(
+      _synthetic_fn(data, 'eval'), num_parallel_calls=tf.data.AUTOTUNE
+    )
   raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
+
+
+def train_examples(
+  config: Any,
+  process_index: int = 0,
+  process_count: int = 1,
+  start: position.Position = position.START,
+) -> tf.data.Dataset:
+  """This host's training stream from `start`: (position [2] int64, raw
+  example) pairs, epoch after epoch, forever.
+
+  Each source gives an epoch's order as cheap items (serialized records,
+  indices) and a `finish` map that makes raw examples of them; only the
+  items at or after `start` are finished.
+  """
+  data = config.data
+  shard = (process_index, process_count)
+  if data.source == 'tfrecord':
+    epoch, finish = _tfrecord_epochs(data.train_pattern, data, shard)
+  elif data.source == 'tfds':
+    epoch, finish = _tfds_epochs(data, shard)
+  elif data.source == 'coco_json':
+    table = _coco_table(config, data.train_json, data.train_images)
+    index, count = shard
+    ids = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
+    size = len(range(index, len(table['image_id']), count))
+    # The index list is small: each epoch is a full shuffle of it.
+    epoch = lambda e: ids.shuffle(  # noqa: E731
+      max(size, 1), seed=position.epoch_seed(data.seed, e, 0)
+    )
+    finish = _gather(table)
+  elif data.source == 'synthetic':
+    ids = _synthetic_ids(data, 'train', shard)
+    epoch, finish = (lambda e: ids), _synthetic_fn(data, 'train')
+  else:
+    raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
+  return position.epochs(epoch, start).map(
+    lambda p, item: (p, finish(item)), num_parallel_calls=tf.data.AUTOTUNE
+  )
 
 
 # -- TFRecords in the official layout ---------------------------------------
@@ -85,25 +132,27 @@ def list_files(pattern: str) -> list[str]:
   return sorted(set(files))
 
 
-def _tfrecord(pattern, training, data, shard) -> tf.data.Dataset:
+def _host_files(pattern: str, shard) -> tuple[list[str], bool]:
+  """This host's files, and whether they are its own (else every host
+  reads all files and keeps every count-th record)."""
   index, count = shard
   files = list_files(pattern)
-  by_file = len(files) >= count
-  if by_file:
-    files = files[index::count]
-  else:
-    logging.warning(
-      'data: %d files for %d hosts; every host reads all files and keeps '
-      'every %d-th record (slower). Write more shards.',
-      len(files),
-      count,
-      count,
-    )
-  ds = tf.data.Dataset.from_tensor_slices(files)
-  if training:
-    ds = ds.shuffle(len(files), seed=data.seed, reshuffle_each_iteration=True)
-    ds = ds.repeat()
-  ds = ds.interleave(
+  if len(files) >= count:
+    return files[index::count], True
+  logging.warning(
+    'data: %d files for %d hosts; every host reads all files and keeps '
+    'every %d-th record (slower). Write more shards.',
+    len(files),
+    count,
+    count,
+  )
+  return files, False
+
+
+def _tfrecord_eval(pattern, data, shard) -> tf.data.Dataset:
+  files, by_file = _host_files(pattern, shard)
+  names = tf.data.Dataset.from_tensor_slices(files)
+  ds = names.interleave(
     lambda f: tf.data.TFRecordDataset(f).prefetch(1),
     cycle_length=min(data.cycle_length, len(files)),
     block_length=1,
@@ -111,36 +160,96 @@ def _tfrecord(pattern, training, data, shard) -> tf.data.Dataset:
     deterministic=data.deterministic,
   )
   if not by_file:
-    ds = ds.shard(count, index)
+    ds = ds.shard(shard[1], shard[0])
   return ds.map(tfrecord_format.parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tfrecord_epochs(pattern, data, shard):
+  """Epoch e: this host's files in an order drawn from (seed, e), read
+  `cycle_length` at a time, then the official shuffle(64) of records (its
+  seed also from (seed, e)); items are serialized records (`parse` is the
+  finish). The file order is the same on every host, which matters when
+  hosts share files."""
+  files, by_file = _host_files(pattern, shard)
+  index, count = shard
+  cycle = min(data.cycle_length, len(files))
+
+  def epoch(e):
+    names = tf.data.Dataset.from_tensor_slices(files).shuffle(
+      len(files), seed=position.epoch_seed(data.seed, e, 0)
+    )
+    ds = names.interleave(
+      lambda f: tf.data.TFRecordDataset(f).prefetch(1),
+      cycle_length=cycle,
+      block_length=1,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=data.deterministic,
+    )
+    if not by_file:
+      ds = ds.shard(count, index)
+    if data.shuffle_buffer_size > 0:
+      ds = ds.shuffle(
+        data.shuffle_buffer_size, seed=position.epoch_seed(data.seed, e, 1)
+      )
+    return ds
+
+  return epoch, tfrecord_format.parse
 
 
 # -- TFDS: coco/2017, voc/2007, voc/2012 ------------------------------------
 
 
-def _tfds(name, split, training, data, shard) -> tf.data.Dataset:
+def _tfds_load(name, split, training, data, shard) -> tf.data.Dataset:
   import tensorflow_datasets as tfds
 
   index, count = shard
   if count > 1:
     split = tfds.even_splits(split, n=count)[index]
-  ds = tfds.load(
+  return tfds.load(
     name,
     split=split,
     data_dir=data.tfds_data_dir or None,
     shuffle_files=training,
     decoders={'image': tfds.decode.SkipDecoding()},
     read_config=tfds.ReadConfig(
-      shuffle_seed=data.seed, interleave_cycle_length=data.cycle_length
+      shuffle_seed=data.seed,
+      # Every epoch reads the files in the same order (shuffled once by
+      # the seed), so an epoch is a function of (seed, epoch) alone.
+      shuffle_reshuffle_each_iteration=False,
+      interleave_cycle_length=data.cycle_length,
     ),
   )
+
+
+def _tfds_finish(name: str):
   if name.startswith('coco'):
-    ds = ds.map(_from_tfds_coco, num_parallel_calls=tf.data.AUTOTUNE)
-  elif name.startswith('voc'):
-    ds = ds.map(_from_tfds_voc, num_parallel_calls=tf.data.AUTOTUNE)
-  else:
-    raise ValueError(f'tfds source supports coco/* and voc/*, not {name!r}')
-  return ds.repeat() if training else ds
+    return _from_tfds_coco
+  if name.startswith('voc'):
+    return _from_tfds_voc
+  raise ValueError(f'tfds source supports coco/* and voc/*, not {name!r}')
+
+
+def _tfds(name, split, training, data, shard) -> tf.data.Dataset:
+  """The eval split, read once."""
+  finish = _tfds_finish(name)
+  ds = _tfds_load(name, split, training, data, shard)
+  return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _tfds_epochs(data, shard):
+  """Epoch e: the split's examples (images still encoded) in the fixed
+  file order, through a shuffle buffer seeded by (seed, e)."""
+  finish = _tfds_finish(data.tfds_name)
+  base = _tfds_load(data.tfds_name, data.tfds_train_split, True, data, shard)
+
+  def epoch(e):
+    if data.shuffle_buffer_size <= 0:
+      return base
+    return base.shuffle(
+      data.shuffle_buffer_size, seed=position.epoch_seed(data.seed, e, 1)
+    )
+
+  return epoch, finish
 
 
 def _from_tfds_coco(ex: dict) -> dict:
@@ -236,17 +345,18 @@ def read_coco_json(
   }
 
 
-def _coco_json(
-  json_path, images_dir, training, seed, shard, remap=None
-) -> tf.data.Dataset:
+def _coco_table(config, json_path, images_dir) -> dict[str, tf.Tensor]:
   if not json_path:
     raise ValueError('data.source=coco_json needs data.{train,eval}_json')
+  remap = None
+  if config.data.category_ids == 'contiguous':
+    remap = class_map(config).category_to_class
   table = read_coco_json(json_path, images_dir, remap)
-  const = {k: tf.constant(v) for k, v in table.items()}
-  index, count = shard
-  ds = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
-  if training:  # the index list is small: shuffle all of it, per epoch
-    ds = ds.shuffle(len(table['image_id']), seed=seed).repeat()
+  return {k: tf.constant(v) for k, v in table.items()}
+
+
+def _gather(const: dict[str, tf.Tensor]):
+  """Image index -> its raw example (the image still a path)."""
 
   def gather(i):
     lo, hi = const['row_splits'][i], const['row_splits'][i + 1]
@@ -258,32 +368,28 @@ def _coco_json(
     out['encoded'] = tf.constant('')
     return out
 
-  return ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+  return gather
 
 
 # -- synthetic shapes --------------------------------------------------------
 
 
-def _synthetic(data, split, shard) -> tf.data.Dataset:
+def _synthetic_ids(data, split, shard) -> tf.data.Dataset:
   index, count = shard
   size = (
-    data.synthetic_train_size
-    if split == 'train'
-    else (data.synthetic_eval_size)
+    data.synthetic_train_size if split == 'train' else data.synthetic_eval_size
   )
-  ds = tf.data.Dataset.range(size).shard(count, index)
-  if split == 'train':
-    ds = ds.repeat()
-  return ds.map(
-    lambda i: synthetic.generate(
-      i,
-      seed=data.seed,
-      split=split,
-      image_size=tuple(data.synthetic_image_size),
-      num_classes=data.synthetic_num_classes,
-      max_objects=data.synthetic_max_objects,
-    ),
-    num_parallel_calls=tf.data.AUTOTUNE,
+  return tf.data.Dataset.range(size).shard(count, index)
+
+
+def _synthetic_fn(data, split):
+  return lambda i: synthetic.generate(
+    i,
+    seed=data.seed,
+    split=split,
+    image_size=tuple(data.synthetic_image_size),
+    num_classes=data.synthetic_num_classes,
+    max_objects=data.synthetic_max_objects,
   )
 
 

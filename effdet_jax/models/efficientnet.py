@@ -71,6 +71,10 @@ BACKBONES: dict[str, tuple[float, float]] = {
   'efficientnet-lite2': (1.1, 1.2),
   'efficientnet-lite3': (1.2, 1.4),
   'efficientnet-lite4': (1.4, 1.8),
+  # Not an ImageNet architecture: B0's blocks at half width and a third of
+  # the depth (10 blocks), for the test suite and configs/demo.py:test,
+  # where what is tested is the training system, not the backbone.
+  'efficientnet-b0-tiny': (0.5, 0.34),
 }
 
 # Stages whose last block is an endpoint (reduction_1..5).

@@ -1,8 +1,9 @@
 """Orbax checkpoints: periodic async saves, last K + best by metric, resume.
 
-Each step directory holds two items: `state` (the whole TrainState, enough
-to resume bit-exactly) and `variables` (the EMA model variables, what
-`effdet_jax.load(workdir)` opens). Saves are atomic (orbax writes to a
+Each step directory holds `state` (the whole TrainState), `variables` (the
+EMA model variables, what `effdet_jax.load(workdir)` opens) and, from a
+training run, `data` (JSON: every host's input position, data/position.py):
+together enough to resume bit-exactly. Saves are atomic (orbax writes to a
 temporary directory and renames). Restoring takes the target shardings from
 the abstract state, so a checkpoint opens on a different mesh.
 
@@ -74,7 +75,9 @@ class Checkpointer:
       cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(
-      self.directory, options=options, item_names=('state', 'variables')
+      self.directory,
+      options=options,
+      item_names=('state', 'variables', 'data'),
     )
 
   def save(
@@ -83,19 +86,35 @@ class Checkpointer:
     state: Any,
     metrics: dict[str, float] | None = None,
     force: bool = False,
+    data: Callable[[], dict | None] | None = None,
   ) -> bool:
-    """Saves at `step` if the interval (or `force`) says so."""
+    """Saves at `step` if the interval (or `force`) says so; `data()`
+    (called on every process, only when saving) gives the `data` item."""
     if not force and not self.manager.should_save(step):
       return False
     if not _all_finite(state):
       raise FloatingPointError(
         f'refusing to checkpoint step {step}: the state is not finite'
       )
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      variables=ocp.args.StandardSave(state.variables(ema=True)),
-    )
+    items = {
+      'state': ocp.args.StandardSave(state),
+      'variables': ocp.args.StandardSave(state.variables(ema=True)),
+    }
+    payload = data() if data is not None else None
+    if payload is not None:
+      items['data'] = ocp.args.JsonSave(payload)
+    args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+  def restore_data(self, step: int) -> dict | None:
+    """The `data` item of `step`; None for a checkpoint without one."""
+    step_dir = os.path.join(self.directory, str(step), 'data')
+    if not tf_io().gfile.exists(step_dir):
+      return None
+    out = self.manager.restore(
+      step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
+    )
+    return dict(out.data)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the training loop.
 
-Resume order (STYLE 11): the workdir's own checkpoint -> `init_from`
-(pretrained weights, train/init_from.py) -> scratch. The data position is
-derived from the restored step, and per-step randomness from (seed, step),
+Resume order: the workdir's own checkpoint -> `init_from` (pretrained
+weights, train/init_from.py) -> scratch. Each checkpoint keeps every host's
+input position (data/position.py), from which the input restarts without
+reading what came before, and per-step randomness comes from (seed, step),
 so a resumed run is bitwise equal to an uninterrupted one on CPU.
 """
 
@@ -207,31 +208,89 @@ class Trainer:
     return partitioning.batch_shardings(self.mesh, batch)
 
 
-def _train_batches(config: Any, trainer: Trainer, start_step: int):
-  from effdet_jax.data import checks, pipeline  # noqa: PLC0415 - imports tf
+def _train_batches(
+  config: Any, trainer: Trainer, start_step: int, start: Any = None
+):
+  """(global batch, host input position after it) pairs from `start`.
+
+  `start` None at a step > 0 (a checkpoint written without positions):
+  the stream is read from its beginning and `start_step` batches dropped,
+  which decodes them all.
+  """
+  from effdet_jax.data import checks, pipeline, position  # noqa: PLC0415
 
   data = config.data
   stats = checks.DataStats(
     strict=data.strict,
     max_consecutive_skips=int(data.get('max_consecutive_skips', 0)),
   )
-  ds = pipeline.train_dataset(config, stats=stats).skip(start_step)
+  if start is None and start_step > 0:
+    logging.warning(
+      'the checkpoint holds no input position: re-reading %d batches to '
+      'reach it',
+      start_step,
+    )
+    ds = pipeline.train_dataset(config, stats=stats).skip(start_step)
+  else:
+    ds = pipeline.train_dataset(
+      config, stats=stats, start=start or position.START
+    )
   shardings = None
   try:
     for batch in ds.as_numpy_iterator():
+      after = position.Position.after(batch['position'])
       batch = {k: batch[k] for k in ('image', 'boxes', 'classes')}
       if shardings is None:
         shardings = trainer.batch_sharding(batch)
-      yield {
-        k: jax.make_array_from_process_local_data(shardings[k], v)
-        for k, v in batch.items()
-      }
+      yield (
+        {
+          k: jax.make_array_from_process_local_data(shardings[k], v)
+          for k, v in batch.items()
+        },
+        after,
+      )
   except Exception:
     if stats.fatal:  # raised inside tf.data: the clean message, no trace
       raise checks.NoUsableExamplesError(stats.fatal) from None
     raise
   raise ValueError(
     f'the training input ended without a batch (skips: {stats.summary()})'
+  )
+
+
+def _input_start(config: Any, ckpt: Any, step: int) -> Any:
+  """This host's saved input position at `step` (None: not saved)."""
+  from effdet_jax.data import position  # noqa: PLC0415 - imports tf
+
+  if step == 0:
+    return position.START
+  payload = ckpt.restore_data(step)
+  if payload is None:
+    return None
+  start, warning = position.from_payload(
+    payload, jax.process_index(), jax.process_count()
+  )
+  if warning:
+    logging.warning('%s', warning)
+  return start
+
+
+def _positions_payload(config: Any, where: Any) -> dict | None:
+  """Every host's input position (a collective: all processes call it)."""
+  from effdet_jax.data import pipeline, position  # noqa: PLC0415
+
+  if where is None:
+    return None
+  mine = np.asarray(where.to_list(), np.int64)
+  if jax.process_count() > 1:
+    rows = multihost_utils.process_allgather(mine).reshape(-1, 2)
+  else:
+    rows = mine[None]
+  host_batch = pipeline.host_batch_size(
+    int(config.train.batch_size), jax.process_count()
+  )
+  return position.to_payload(
+    [position.Position(int(e), int(o)) for e, o in rows], host_batch
   )
 
 
@@ -378,11 +437,15 @@ def _loop(
         num_profile_steps=t.profile_steps, logdir=workdir
       )
     )
-  feed = input_feed.InputFeed(
-    batches(start)
-    if batches is not None
-    else _train_batches(config, trainer, start)
-  )
+  if batches is not None:  # the caller's batches: no input position
+    source = ((b, None) for b in batches(start))
+  else:
+    source = _train_batches(
+      config, trainer, start, _input_start(config, ckpt, start)
+    )
+  feed = input_feed.InputFeed(source)
+  where = None  # the input position after the last batch taken
+  data = lambda: _positions_payload(config, where)  # noqa: E731
   eval_every = int(config.eval.every_steps)
   run = _Run(config, start)
   alone = jax.process_count() == 1
@@ -392,7 +455,7 @@ def _loop(
   def save_and_exit(done, eval_metrics=None):
     run.check(state)
     if ckpt.latest_step() != done:
-      ckpt.save(done, state, metrics=eval_metrics, force=True)
+      ckpt.save(done, state, metrics=eval_metrics, force=True, data=data)
     logging.warning('preempted: saved step %d, exiting', done)
     raise SystemExit(0)
 
@@ -404,7 +467,7 @@ def _loop(
         # A single process leaves at once on a signal that comes while it
         # waits for input; several agree at the next log step.
         try:
-          batch = feed.next_batch(lambda: alone and preempt.requested)
+          batch, where = feed.next_batch(lambda: alone and preempt.requested)
         except input_feed.InputStopped:
           save_and_exit(step)
         if step_exec is None:
@@ -437,7 +500,7 @@ def _loop(
             done, {f'eval/{k}': v for k, v in eval_metrics.items()}
           )
           run.tick = time.time()  # the ETA's rate counts steps only
-        ckpt.save(done, state, metrics=eval_metrics)
+        ckpt.save(done, state, metrics=eval_metrics, data=data)
         # Several processes agree on preemption at log steps only (it is a
         # collective); a single process checks after every step.
         if (alone or log_now) and preempt.synced():
@@ -450,7 +513,7 @@ def _loop(
         total, {f'eval/{k}': v for k, v in final_metrics.items()}
       )
     if ckpt.latest_step() != total:
-      ckpt.save(total, state, metrics=final_metrics, force=True)
+      ckpt.save(total, state, metrics=final_metrics, force=True, data=data)
   finally:
     feed.close()
     writer.flush()
