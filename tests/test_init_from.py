@@ -35,6 +35,8 @@ def tiny_config(**kw):
   config = _tiny_config(**kw)
   config.model.name, config.model.backbone_name = 'efficientdet-d0', BB
   return config
+
+
 EMA = '/ExponentialMovingAverage'
 
 
