@@ -29,7 +29,25 @@ def matcher(request):
     pytest.skip('CPU kernels not built here')
   backend = 'cpu' if request.param else 'xla'
   with ops.use_backend(backend), cpu_library.forced(request.param):
+    _MATCHER[0] = request.param
     yield request.param
+
+
+_MATCHER = [None]  # the running test's matcher (set by the fixture above)
+_JITTED = {}
+
+
+def _jitted(fn):
+  """`fn` jitted, once per matcher (the backend is read while tracing):
+  eager, every op would compile anew for each box count."""
+  key = (fn.__name__, _MATCHER[0])
+  if key not in _JITTED:
+    _JITTED[key] = jax.jit(fn)
+  return _JITTED[key]
+
+
+def _assign(*args):
+  return _jitted(targets.assign)(*args)
 
 
 @pytest.fixture(scope='module')
@@ -146,16 +164,16 @@ def test_assignment_invariant_to_order_and_padding(items, perm_seed, pad):
   if len(np.unique(arr, axis=0)) < len(arr):
     return
   perm = np.random.default_rng(perm_seed).permutation(len(items))
-  a = targets.assign(anchors_, arr[None], cls[None])
+  a = _assign(anchors_, arr[None], cls[None])
   padded_b = np.concatenate([arr[perm], np.zeros((pad, 4), np.float32)])[None]
   padded_c = np.concatenate([cls[perm], -np.ones(pad, np.int32)])[None]
-  b = targets.assign(anchors_, padded_b, padded_c)
+  b = _assign(anchors_, padded_b, padded_c)
   same = np.asarray(a.cls_targets) == np.asarray(b.cls_targets)
   # Reordering may only change which of two boxes with equal IoU an anchor
   # takes; positives and num_positives never change.
   np.testing.assert_array_equal(np.asarray(a.positive), np.asarray(b.positive))
   assert float(a.num_positives[0]) == float(b.num_positives[0])
-  iou = np.asarray(targets.iou_matrix(jnp.asarray(arr), jnp.asarray(anchors_)))
+  iou = np.asarray(_jitted(targets.iou_matrix)(arr, anchors_))
   tied = (
     (np.sort(iou, 0)[-1] == np.sort(iou, 0)[-2])
     if len(arr) > 1
@@ -169,7 +187,7 @@ def test_assignment_invariant_to_order_and_padding(items, perm_seed, pad):
 @pytest.mark.slow
 def test_box_equal_to_anchor_is_positive(idx, cls):
   anchors_ = anchors.generate_anchors(256, 3, 7, 3, (1.0, 2.0, 0.5), 4.0)
-  t = targets.assign(anchors_, anchors_[idx][None, None], jnp.array([[cls]]))
+  t = _assign(anchors_, anchors_[idx][None, None], jnp.array([[cls]]))
   assert bool(t.positive[0, idx])
   assert int(t.cls_targets[0, idx]) == cls - 1
   np.testing.assert_allclose(np.asarray(t.box_targets[0, idx]), 0.0, atol=1e-5)
