@@ -9,8 +9,9 @@ records: 64x64 JPEG shapes, 1-4 boxes each; kept in --cache between runs),
 then for each step S writes a checkpoint at S into a fresh workdir (the
 input position a run that trained S steps would have saved) and times
 `python -m effdet_jax.main --mode=train` resuming there, from process start
-to the end of the first resumed step (its start-up line). The compilation
-cache is warmed first, so the rows differ only in what the resume costs.
+to the end of the first resumed step (its start-up line; the `data` phase
+is the time to the first batch). A persistent compilation cache in --cache
+is warmed first, so the rows differ only in what the resume costs.
 
 --legacy adds rows for a checkpoint without an input position, resumed the
 way such checkpoints are: the stream read from its start and S batches
@@ -95,6 +96,8 @@ def run_config(pattern: str, batch: int, steps: int):
   config = config_files.load_module('demo').get_config('test')
   d = config.data
   d.source, d.train_pattern, d.label_map = 'tfrecord', pattern, 'shapes'
+  d.eval_pattern = pattern  # the final evaluation: 8 images
+  config.eval.num_images, config.eval.draw_predictions = 8, 0
   config.train.batch_size = batch
   config.train.num_steps = steps
   config.checkpoint.every_steps = 10**9  # only the final save
@@ -119,7 +122,7 @@ def plant_checkpoint(config, workdir: str, step: int, images: int, legacy):
   trainer_lib.write_config(config, workdir)
 
 
-def resume_seconds(config_path: str, workdir: str, step: int):
+def resume_seconds(config_path: str, workdir: str, step: int, cache_dir: str):
   """Runs the resume; (start-up seconds, phases) from its start-up line."""
   cmd = [
     sys.executable,
@@ -131,7 +134,12 @@ def resume_seconds(config_path: str, workdir: str, step: int):
     f'--config.train.num_steps={step + 1}',
   ]
   out = subprocess.run(
-    cmd, cwd=REPO, capture_output=True, text=True, check=False
+    cmd,
+    cwd=REPO,
+    env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir),
+    capture_output=True,
+    text=True,
+    check=False,
   )
   text = out.stdout + out.stderr
   match = _LINE.search(text)
@@ -173,7 +181,9 @@ def main():
           workdir = os.path.join(tmp, f'w-{kind[0]}-{step}-{r}')
           config = run_config(pattern, args.batch, step + 1)
           plant_checkpoint(config, workdir, step, args.images, legacy)
-          seconds, phases_r = resume_seconds(config_path, workdir, step)
+          seconds, phases_r = resume_seconds(
+            config_path, workdir, step, str(cache / 'jax_cache')
+          )
           if warm:  # the first run fills the compilation cache
             warm = False
             continue
@@ -189,11 +199,19 @@ def main():
   print(f'{"input position":16s} {"step":>7s} {"to 1st step s":>14s}  phases')
   for kind, step, seconds, phases in rows:
     print(f'{kind:16s} {step:7d} {seconds:14.1f}  {phases}')
-  first = {kind: s for kind, step, s, _ in rows if step == steps[0]}
-  for kind, step, seconds, _ in rows:
+  first = {kind: (s, p) for kind, step, s, p in rows if step == steps[0]}
+  for kind, step, seconds, phases in rows:
     if step != steps[0]:
-      ratio = seconds / first[kind]
-      print(f'{kind}: step {step} / step {steps[0]} = {ratio:.2f}x')
+      ratio = seconds / first[kind][0]
+      data = _phase(phases, 'data') / _phase(first[kind][1], 'data')
+      print(
+        f'{kind}: step {step} / step {steps[0]} = {ratio:.2f}x to the '
+        f'first step, {data:.2f}x in the data phase'
+      )
+
+
+def _phase(phases: str, name: str) -> float:
+  return float(re.search(rf'{name} ([0-9.]+)', phases).group(1))
 
 
 _CONFIG_FILE = """
@@ -206,6 +224,8 @@ def get_config():
   config = demo.get_config('test')
   d = config.data
   d.source, d.train_pattern, d.label_map = 'tfrecord', {pattern!r}, 'shapes'
+  d.eval_pattern = d.train_pattern
+  config.eval.num_images, config.eval.draw_predictions = 8, 0
   config.train.batch_size = {batch}
   config.checkpoint.every_steps = 10**9
   return config
