@@ -57,6 +57,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize('source', sorted(CONFIGS))
 @pytest.mark.parametrize('host', [(0, 1), (1, 2)], ids=['1host', 'host1of2'])
+@pytest.mark.slow
 def test_start_at_a_saved_position_equals_reading_from_the_start(source, host):
   config = CONFIGS[source]()
   config.model.num_classes = 90
