@@ -517,7 +517,10 @@ def test_expand_depthwise_matches_unfused(shape, width, k, stride, pooled):
     return lambda x, w: (run(x, w, impl), jax.grad(loss, argnums=(0, 1))(x, w))
 
   with cpu_library.forced(True):
-    (got, g), text = _run(with_grads('native'), x, w, text='compiled')
+    got, g = _run(with_grads('native'), x, w)
+    # The forward alone runs the kernel (not only the gradient program).
+    forward = jax.jit(lambda x, w: run(x, w, 'native')).lower(x, w)
+    text = forward.compile().as_text()
   want, g_want = _run(with_grads('lax'), x, w)
   assert 'EffdetExpandDepthwiseAffineAct' in text
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
