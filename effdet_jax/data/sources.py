@@ -66,7 +66,7 @@ def raw_examples(
   if data.source == 'tfrecord':
     return _tfrecord_eval(data.eval_pattern, data, shard)
   if data.source == 'tfds':
-    return _tfds(data.tfds_name, data.tfds_eval_split, False, data, shard)
+    return _tfds(data.tfds_name, data.tfds_eval_split, data, shard)
   if data.source == 'coco_json':
     table = _coco_table(config, data.eval_json, data.eval_images)
     index, count = shard
@@ -149,18 +149,32 @@ def _host_files(pattern: str, shard) -> tuple[list[str], bool]:
   return files, False
 
 
-def _tfrecord_eval(pattern, data, shard) -> tf.data.Dataset:
-  files, by_file = _host_files(pattern, shard)
-  names = tf.data.Dataset.from_tensor_slices(files)
+def _read_records(names, num_files, data, shard, by_file) -> tf.data.Dataset:
+  """Serialized records of the file names in `names`, `cycle_length` files
+  at a time; where hosts share files, every count-th record."""
   ds = names.interleave(
     lambda f: tf.data.TFRecordDataset(f).prefetch(1),
-    cycle_length=min(data.cycle_length, len(files)),
+    cycle_length=min(data.cycle_length, num_files),
     block_length=1,
     num_parallel_calls=tf.data.AUTOTUNE,
     deterministic=data.deterministic,
   )
-  if not by_file:
-    ds = ds.shard(shard[1], shard[0])
+  return ds if by_file else ds.shard(shard[1], shard[0])
+
+
+def _shuffle_records(ds, data, e) -> tf.data.Dataset:
+  """The official record shuffle buffer, seeded by (seed, epoch e)."""
+  if data.shuffle_buffer_size <= 0:
+    return ds
+  return ds.shuffle(
+    data.shuffle_buffer_size, seed=position.epoch_seed(data.seed, e, 1)
+  )
+
+
+def _tfrecord_eval(pattern, data, shard) -> tf.data.Dataset:
+  files, by_file = _host_files(pattern, shard)
+  names = tf.data.Dataset.from_tensor_slices(files)
+  ds = _read_records(names, len(files), data, shard, by_file)
   return ds.map(tfrecord_format.parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -171,27 +185,13 @@ def _tfrecord_epochs(pattern, data, shard):
   finish). The file order is the same on every host, which matters when
   hosts share files."""
   files, by_file = _host_files(pattern, shard)
-  index, count = shard
-  cycle = min(data.cycle_length, len(files))
 
   def epoch(e):
     names = tf.data.Dataset.from_tensor_slices(files).shuffle(
       len(files), seed=position.epoch_seed(data.seed, e, 0)
     )
-    ds = names.interleave(
-      lambda f: tf.data.TFRecordDataset(f).prefetch(1),
-      cycle_length=cycle,
-      block_length=1,
-      num_parallel_calls=tf.data.AUTOTUNE,
-      deterministic=data.deterministic,
-    )
-    if not by_file:
-      ds = ds.shard(count, index)
-    if data.shuffle_buffer_size > 0:
-      ds = ds.shuffle(
-        data.shuffle_buffer_size, seed=position.epoch_seed(data.seed, e, 1)
-      )
-    return ds
+    records = _read_records(names, len(files), data, shard, by_file)
+    return _shuffle_records(records, data, e)
 
   return epoch, tfrecord_format.parse
 
@@ -229,10 +229,10 @@ def _tfds_finish(name: str):
   raise ValueError(f'tfds source supports coco/* and voc/*, not {name!r}')
 
 
-def _tfds(name, split, training, data, shard) -> tf.data.Dataset:
+def _tfds(name, split, data, shard) -> tf.data.Dataset:
   """The eval split, read once."""
   finish = _tfds_finish(name)
-  ds = _tfds_load(name, split, training, data, shard)
+  ds = _tfds_load(name, split, False, data, shard)
   return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -242,14 +242,7 @@ def _tfds_epochs(data, shard):
   finish = _tfds_finish(data.tfds_name)
   base = _tfds_load(data.tfds_name, data.tfds_train_split, True, data, shard)
 
-  def epoch(e):
-    if data.shuffle_buffer_size <= 0:
-      return base
-    return base.shuffle(
-      data.shuffle_buffer_size, seed=position.epoch_seed(data.seed, e, 1)
-    )
-
-  return epoch, finish
+  return (lambda e: _shuffle_records(base, data, e)), finish
 
 
 def _from_tfds_coco(ex: dict) -> dict:
