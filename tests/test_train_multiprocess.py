@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO
+from train_utils import demo_cli
 
 from effdet_jax import config_files
 from effdet_jax.runtime import checkpoint
@@ -85,19 +86,14 @@ def test_two_processes_equal_one_process(tmp_path):
 def _main(workdir, port, pid, *extra):
   """`python -m effdet_jax.main` as process `pid` of 2 (1 CPU device each)."""
   return subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'effdet_jax.main',
-      '--config=configs/demo.py:test',
-      f'--workdir={workdir}',
-      '--mode=train',
+    demo_cli(
+      workdir,
       '--config.eval.draw_predictions=0',
       f'--coordinator_address=localhost:{port}',
       '--num_processes=2',
       f'--process_id={pid}',
       *extra,
-    ],
+    ),
     cwd=REPO,
     env=_env(1),
     stdout=subprocess.DEVNULL,
