@@ -169,10 +169,14 @@ def main():
     [('legacy skip', True)] if args.legacy else []
   )
   with tempfile.TemporaryDirectory() as tmp:
-    # The run config as a file the CLI reads (demo:test on the records).
+    # The CLI reads run_config through a config file.
     config_path = os.path.join(tmp, 'resume_config.py')
     with open(config_path, 'w') as f:
-      f.write(_CONFIG_FILE.format(pattern=pattern, batch=args.batch))
+      f.write(
+        _CONFIG_FILE.format(
+          bench_dir=str(REPO / 'benchmarks'), pattern=pattern, batch=args.batch
+        )
+      )
     warm = True
     for kind, legacy in kinds:
       for step in steps:
@@ -215,20 +219,14 @@ def _phase(phases: str, name: str) -> float:
 
 
 _CONFIG_FILE = """
-from effdet_jax import config_files
+import sys
 
-demo = config_files.load_module('demo')
+sys.path.insert(0, {bench_dir!r})
+import resume
 
 
-def get_config():
-  config = demo.get_config('test')
-  d = config.data
-  d.source, d.train_pattern, d.label_map = 'tfrecord', {pattern!r}, 'shapes'
-  d.eval_pattern = d.train_pattern
-  config.eval.num_images, config.eval.draw_predictions = 8, 0
-  config.train.batch_size = {batch}
-  config.checkpoint.every_steps = 10**9
-  return config
+def get_config():  # num_steps comes from the command line
+  return resume.run_config({pattern!r}, {batch}, 1)
 """
 
 
