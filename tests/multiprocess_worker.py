@@ -48,6 +48,9 @@ def main():
       for k, v in batch.items()
     }
     state, _ = tr.step_fn(g)(state, g)
+  # Every process waits for its steps (they hold collectives): one that
+  # exited after dispatching them would leave the others' steps hanging.
+  jax.block_until_ready(state)
   if pi == 0:
     out = {}
     trees = {
