@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from effdet_jax import model_checks, registry
+from effdet_jax import files, model_checks, registry
 from effdet_jax.models import efficientnet
 from effdet_jax.models.efficientdet import EfficientDet
 
@@ -154,17 +152,20 @@ def create_model(
 
 
 def save(path: str, model_cfg: Mapping[str, Any], variables: dict) -> None:
-  """Writes `model_config.json` and an orbax checkpoint of the variables."""
+  """Writes `model_config.json` and an orbax checkpoint of the variables
+  (`path`: a local folder or a URL, e.g. gs://bucket/model)."""
   import orbax.checkpoint as ocp
 
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
+  from effdet_jax.runtime import checkpoint  # noqa: PLC0415
+
+  files.makedirs(path)
   cfg = ml_collections.ConfigDict(dict(model_cfg)).to_dict()
-  with open(os.path.join(path, MODEL_CONFIG_FILE), 'w') as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, VARIABLES_DIR), variables, force=True)
-  ckptr.wait_until_finished()
+  files.write_json(
+    files.join(path, MODEL_CONFIG_FILE), cfg, indent=2, sort_keys=True
+  )
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(checkpoint.saved_variables_dir(path), variables, force=True)
+    ckptr.wait_until_finished()
 
 
 def load(path: str, dtype: str | None = None) -> ModelAndVariables:
@@ -175,13 +176,14 @@ def load(path: str, dtype: str | None = None) -> ModelAndVariables:
   given, else in the saved config's `dtype` (float32 for a converted
   checkpoint unless it was converted with `--dtype`; a training workdir's
   recipe, e.g. bfloat16 for D6-D7x). The variables are the same either way
-  (float32); `.config.dtype` says what the model computes in.
+  (float32); `.config.dtype` says what the model computes in. `path` is a
+  local folder or a URL (gs://...).
   """
-  import orbax.checkpoint as ocp
+  from effdet_jax.runtime import checkpoint  # noqa: PLC0415 - imports orbax
 
-  path = os.path.abspath(path)
-  cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
-  if not os.path.exists(cfg_file):
+  path = files.absolute(path)
+  cfg_file = files.join(path, MODEL_CONFIG_FILE)
+  if not files.exists(cfg_file):
     raise FileNotFoundError(
       f'{path} has no {MODEL_CONFIG_FILE}; expected a directory written by '
       '`python -m effdet_jax.convert` or effdet_jax.api.save'
@@ -196,12 +198,6 @@ def load(path: str, dtype: str | None = None) -> ModelAndVariables:
       cfg[key] = tuple(cfg[key])
   model = build_model(cfg)
   abstract = jax.eval_shape(lambda: init_variables(model))
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
-    from effdet_jax.runtime import checkpoint  # noqa: PLC0415
-
-    variables = checkpoint.restore_variables(path, abstract)
-    return ModelAndVariables(model, variables, cfg)
-  variables = ocp.StandardCheckpointer().restore(
-    os.path.join(path, VARIABLES_DIR), abstract
-  )
-  return ModelAndVariables(model, variables, cfg)
+  # A training workdir's newest readable EMA variables, or what save wrote.
+  _, out = checkpoint.restore_read_only(path, {'variables': abstract})
+  return ModelAndVariables(model, out['variables'], cfg)

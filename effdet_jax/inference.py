@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from effdet_jax import api
+from effdet_jax import api, files
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.detection import postprocess as postprocess_lib
 
@@ -120,8 +120,8 @@ def read_image(source: Any) -> np.ndarray:
   """A path, PIL image or array -> uint8 [h, w, 3] RGB (grey expanded)."""
   from PIL import Image  # noqa: PLC0415
 
-  if isinstance(source, (str, os.PathLike)):
-    with Image.open(source) as im:
+  if isinstance(source, (str, os.PathLike)):  # a local path or a URL
+    with files.open(source, 'rb') as f, Image.open(f) as im:
       return np.asarray(im.convert('RGB'))
   if isinstance(source, Image.Image):
     return np.asarray(source.convert('RGB'))

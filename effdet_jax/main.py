@@ -6,7 +6,10 @@ devices, then `train_and_evaluate(config, workdir)`.
 
 Flags (besides the config's own overrides, `--config.train.batch_size=8`):
 
-  --workdir   checkpoints, metrics.jsonl, TensorBoard events, eval json.
+  --workdir   checkpoints, metrics.jsonl, TensorBoard events, eval json;
+              a local folder or a URL (gs://bucket/run). It is probed
+              first: one that cannot be written (a gs:// bucket without
+              credentials) stops the run at once, before any compile.
   --mode      train_and_eval (default) | train | eval (the latest
               checkpoint of the workdir).
   --backend   auto | xla | cpu (default: $EFFDET_JAX_BACKEND, else auto):
@@ -50,7 +53,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from effdet_jax import compilation_cache, ops
+from effdet_jax import compilation_cache, files, ops
 from effdet_jax.cpu import malloc_tuning
 
 # Loggers that use Python logging by name (orbax, clu and the absl-based
@@ -146,15 +149,11 @@ def _fail(err: BaseException, workdir: str | None, verbose: bool) -> None:
   detail = ''.join(traceback.format_exception(err))
   where = 'not written (no workdir)'
   if workdir:
-    path = os.path.join(workdir, ERROR_LOG)
+    path = files.join(workdir, ERROR_LOG)
     try:
-      from etils import epath  # noqa: PLC0415
-
-      log = epath.Path(path)
-      log.parent.mkdir(parents=True, exist_ok=True)
-      old = log.read_text() if log.exists() else ''
+      files.makedirs(workdir)
       stamp = time.strftime('%Y-%m-%d %H:%M:%S')
-      log.write_text(f'{old}--- {stamp} pid {os.getpid()}\n{detail}\n')
+      files.append_text(path, f'--- {stamp} pid {os.getpid()}\n{detail}\n')
       where = path
     except Exception as write_err:  # noqa: BLE001 - e.g. a full disk
       where = f'not written ({type(write_err).__name__}: {write_err})'
@@ -213,6 +212,7 @@ def _main(argv):
   from effdet_jax.train import trainer  # noqa: PLC0415
 
   config, workdir = f.config, f.workdir
+  _check_workdir(workdir)
   compilation_cache.enable(config)
   if f.mode == 'eval':
     from effdet_jax.evaluation import runner  # noqa: PLC0415
@@ -229,16 +229,22 @@ def _main(argv):
     _report(config, workdir)
 
 
+def _check_workdir(workdir: str) -> None:
+  """Stops the program with one message when the workdir cannot be
+  written (a gs:// bucket without credentials), before anything compiles
+  or the data is read: otherwise the first write, minutes later, fails."""
+  try:
+    files.check_writable(workdir)
+  except OSError as err:
+    raise SystemExit(f'error: --workdir={workdir}: {err}') from None
+
+
 def _report(config, workdir: str) -> None:
   """Final COCO metrics and, when configured, drawn predictions."""
-  import glob  # noqa: PLC0415
-  import json  # noqa: PLC0415
-
-  evals = glob.glob(os.path.join(workdir, 'eval', 'step_*.json'))
+  evals = files.glob(files.join(workdir, 'eval', 'step_*.json'))
   if evals:
     last = max(evals, key=lambda p: int(p.rsplit('_', 1)[1].split('.')[0]))
-    with open(last) as f:
-      m = json.load(f)
+    m = files.read_json(last)
     keys = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'ARmax100')
     print(f'COCO metrics ({last}):')
     print('  ' + '  '.join(f'{k} {m[k]:.3f}' for k in keys if k in m))

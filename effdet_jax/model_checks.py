@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from effdet_jax import registry
+from effdet_jax import files, registry
 
 # Fields a saved model config may lack: read with a default (api.build_model,
 # inference) or not read at all ('name').
@@ -118,8 +118,7 @@ def read_model_config(path: str | os.PathLike) -> dict[str, Any]:
   from effdet_jax import api  # noqa: PLC0415 - api reads files with this
 
   path = os.fspath(path)
-  with open(path) as f:
-    text = f.read()
+  text = files.read_text(path)  # a local path or a URL
   try:
     cfg = json.loads(text)
   except json.JSONDecodeError as err:

@@ -51,15 +51,13 @@ a training run's `config.init_from.path`.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api
+from effdet_jax import api, files
 from effdet_jax.convert import BACKBONE_SOURCES, SOURCES, convert, tf_backbone
 
 
@@ -118,7 +116,7 @@ def main(argv):
   kind = 'backbone' if f.source in BACKBONE_SOURCES else 'detector'
   summary = dict(
     source=f.source,
-    input=os.path.abspath(f.input),
+    input=files.absolute(f.input),
     kind=kind,
     ema=f.ema,
     advprop=f.advprop,
@@ -132,10 +130,12 @@ def main(argv):
     summary.update(
       matched=len(report.matched), fresh=report.fresh, skipped=report.skipped
     )
-    with open(os.path.join(out, 'conversion_report.txt'), 'w') as fh:
-      fh.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'conversion.json'), 'w') as fh:
-    json.dump(summary, fh, indent=2, sort_keys=True)
+    files.write_text(
+      files.join(out, 'conversion_report.txt'), '\n'.join(lines) + '\n'
+    )
+  files.write_json(
+    files.join(out, 'conversion.json'), summary, indent=2, sort_keys=True
+  )
   logging.info('wrote %s (%d values)', out, n)
   print('\n'.join(lines))
   fresh = len(report.fresh) if report else 0

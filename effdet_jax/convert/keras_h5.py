@@ -17,10 +17,12 @@ table is the one of `tf_checkpoint`. Read with h5py; Keras is not needed.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from effdet_jax import files
 from effdet_jax.convert import strict_fill, tf_checkpoint
 
 
@@ -33,7 +35,10 @@ def read_h5_weights(path: str) -> dict[str, np.ndarray]:
   import h5py
 
   out = {}
-  with h5py.File(path, 'r') as f:
+  # A URL (gs://...) is read whole into memory: h5py opens local files and
+  # file objects (a GFile stream would be read in many small requests).
+  source = io.BytesIO(files.read_bytes(path)) if files.is_remote(path) else path
+  with h5py.File(source, 'r') as f:
     root = f['model_weights'] if 'model_weights' in f else f  # model.save
     if 'layer_names' not in root.attrs:
       raise strict_fill.ConversionError(

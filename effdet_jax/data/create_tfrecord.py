@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ import tensorflow as tf
 import tqdm
 from absl import app, flags, logging
 
+from effdet_jax import files
 from effdet_jax.data import label_maps, tfrecord_format
 
 Skipped = collections.Counter
@@ -50,8 +50,7 @@ Skipped = collections.Counter
 def _load_image(path: str, skipped: Skipped, strict: bool):
   """(bytes, format) or None if missing / undecodable (counted)."""
   try:
-    with open(path, 'rb') as f:
-      encoded = f.read()
+    encoded = files.read_bytes(path)
   except OSError:
     if strict:
       raise
@@ -75,15 +74,14 @@ def coco_examples(
   annotations: str, images_dir: str, skipped: Skipped, strict: bool = False
 ) -> Iterator[tf.train.Example]:
   """One official-layout record per json image, in json order."""
-  with open(annotations) as f:
-    coco = json.load(f)
+  coco = files.read_json(annotations)
   names = {c['id']: c['name'] for c in coco['categories']}
   by_image = collections.defaultdict(list)
   for ann in coco.get('annotations', []):
     by_image[ann['image_id']].append(ann)
   for image in tqdm.tqdm(coco['images'], desc='coco -> tfrecord'):
     loaded = _load_image(
-      os.path.join(images_dir, image['file_name']), skipped, strict
+      files.join(images_dir, image['file_name']), skipped, strict
     )
     if loaded is None:
       continue
@@ -130,7 +128,7 @@ def _read_voc_xml(path: str, stem: str) -> dict:
   """The fields we use of one VOC XML file, all parsed here so that a
   corrupt file raises (ET.ParseError, ValueError) before any of it is
   written."""
-  root = ET.parse(path).getroot()
+  root = ET.fromstring(files.read_bytes(path))
   objects = [
     dict(
       name=_text(obj, 'name'),
@@ -163,15 +161,15 @@ def voc_examples(
 ) -> Iterator[tf.train.Example]:
   """Official `create_pascal_tfrecord` records; ids 1.. in list order."""
   if split:
-    with open(split) as f:
-      stems = [line.split()[0] for line in f if line.strip()]
+    lines = files.read_text(split).splitlines()
+    stems = [line.split()[0] for line in lines if line.strip()]
   else:
-    stems = sorted(p[:-4] for p in os.listdir(xml_dir) if p.endswith('.xml'))
+    stems = [p[:-4] for p in files.listdir(xml_dir) if p.endswith('.xml')]
   if not stems:
     raise ValueError(f'no VOC annotations (*.xml) to convert in {xml_dir}')
   image_id = parsed = 0
   for stem in tqdm.tqdm(stems, desc='voc -> tfrecord'):
-    xml_path = os.path.join(xml_dir, stem + '.xml')
+    xml_path = files.join(xml_dir, stem + '.xml')
     try:
       ann = _read_voc_xml(xml_path, stem)
     except (ET.ParseError, ValueError) as e:
@@ -183,7 +181,7 @@ def voc_examples(
       continue
     parsed += 1
     filename, width, height = ann['filename'], ann['width'], ann['height']
-    loaded = _load_image(os.path.join(images_dir, filename), skipped, strict)
+    loaded = _load_image(files.join(images_dir, filename), skipped, strict)
     if loaded is None:
       continue
     image_id += 1
@@ -253,7 +251,7 @@ def write_shards(
   examples: Iterator[tf.train.Example], output: str, num_shards: int
 ) -> tuple[list[str], int]:
   """Round-robin over PREFIX-%05d-of-%05d.tfrecord; (paths, count)."""
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  files.makedirs(os.path.dirname(files.absolute(output)))
   paths = [
     f'{output}-{i:05d}-of-{num_shards:05d}.tfrecord' for i in range(num_shards)
   ]
@@ -294,15 +292,14 @@ def convert(
 ) -> Skipped:
   """Writes the records and the label map; returns the skip counts."""
   label_map_path = label_maps.records_file(output)
-  json_path = os.path.join(
-    os.path.dirname(os.path.abspath(output)),
+  json_path = files.join(
+    os.path.dirname(files.absolute(output)),
     'json_' + os.path.basename(output) + '.json',
   )
   check_side_files(output, [label_map_path, json_path])
   skipped: Skipped = collections.Counter()
   if fmt == 'coco':
-    with open(annotations) as f:
-      categories = json.load(f)['categories']
+    categories = files.read_json(annotations)['categories']
     names = {c['id']: c['name'] for c in categories}
     examples = coco_examples(annotations, images, skipped, strict)
     paths, count = write_shards(examples, output, num_shards)
@@ -321,8 +318,7 @@ def convert(
       annotations, images, split, name_to_id, skipped, coco_json, strict
     )
     paths, count = write_shards(examples, output, num_shards)
-    with open(json_path, 'w') as f:
-      json.dump(coco_json, f)
+    files.write_json(json_path, coco_json)
   else:
     raise ValueError(f"--format must be 'coco' or 'voc', not {fmt!r}")
   label_maps.save(label_map_path, names)

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from effdet_jax import model_checks
+from effdet_jax import files, model_checks
 from effdet_jax.data import checks, label_maps, sources
 
 _SHOW = 5  # examples named per problem
@@ -117,8 +115,7 @@ def check_coco_json(
   category_ids: str = 'keep',
 ) -> Report:
   """Checks one COCO json split; raises DatasetError listing every problem."""
-  with tf.io.gfile.GFile(json_path) as f:
-    coco = json.load(f)
+  coco = files.read_json(json_path)
   where = f'{split} json {json_path}'
   problems = check_class_map(class_map, num_classes, where, category_ids)
   images = coco.get('images', [])
@@ -245,12 +242,12 @@ def _check_files(images, images_dir, where) -> list[str]:
   folders: dict[str, set[str] | None] = {}
   missing = []
   for im in images:
-    path = os.path.join(images_dir, im['file_name'])
-    folder, name = os.path.split(path)
+    path = files.join(images_dir, im['file_name'])
+    folder, name = os.path.split(path)  # a string split: URLs too
     if folder not in folders:
       try:
-        folders[folder] = set(tf.io.gfile.listdir(folder or '.'))
-      except tf.errors.NotFoundError:
+        folders[folder] = set(files.listdir(folder or '.'))
+      except OSError:  # no such folder (or not a folder)
         folders[folder] = None
     if folders[folder] is None or name not in folders[folder]:
       missing.append(path)
@@ -306,7 +303,7 @@ def check_label_map(
     saved = saved.for_model(num_classes)
   diff = saved.differences(class_map)
   if diff:
-    path = os.path.join(workdir, label_maps.WORKDIR_FILE)
+    path = files.join(workdir, label_maps.WORKDIR_FILE)
     raise DatasetError(
       f'the label map of this config differs from {path}, the one the '
       'checkpoints in this workdir were trained with (first value: the '

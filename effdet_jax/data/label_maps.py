@@ -11,8 +11,9 @@ COCO keeps its category ids 1..90 (80 used); VOC uses the official
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+
+from effdet_jax import files
 
 COCO = {
   1: 'person',
@@ -129,12 +130,11 @@ def load(spec: str | dict | None) -> dict[int, str]:
     return _normalise(spec)
   if spec in _NAMED:
     return dict(_NAMED[spec])
-  if not os.path.exists(spec):
+  if not files.exists(spec):
     raise ValueError(
       f'label map {spec!r} is neither one of {sorted(_NAMED)} nor a file'
     )
-  with open(spec) as f:
-    return _normalise(json.load(f))
+  return _normalise(files.read_json(spec))
 
 
 def _normalise(raw: dict) -> dict[int, str]:
@@ -151,8 +151,9 @@ def _normalise(raw: dict) -> dict[int, str]:
 
 def save(path: str, label_map: dict[int, str]) -> None:
   """Writes {id: name} as json, ids sorted."""
-  with open(path, 'w') as f:
-    json.dump({str(k): label_map[k] for k in sorted(label_map)}, f, indent=1)
+  files.write_json(
+    path, {str(k): label_map[k] for k in sorted(label_map)}, indent=1
+  )
 
 
 # The label map a training run saves beside its checkpoints.
@@ -164,8 +165,8 @@ def records_file(prefix: str) -> str:
   DIR/label_map.BASE.json for PREFIX = DIR/BASE. The name does not start
   with BASE, so the official shard glob (`--validation_file_pattern=
   DIR/val*`) matches only the records."""
-  directory, base = os.path.split(prefix)
-  return os.path.join(directory, f'label_map.{base}.json')
+  directory, base = os.path.split(prefix)  # a string split: URLs too
+  return files.join(directory, f'label_map.{base}.json')
 
 
 def records_files(prefix: str) -> tuple[str, str]:
@@ -245,19 +246,15 @@ def _describe(name: str | None, category_id: int | None) -> str:
 
 def save_workdir(workdir: str, class_map: ClassMap) -> str:
   """Writes `workdir/label_map.json` (a local path or gs://)."""
-  from effdet_jax import files  # noqa: PLC0415
-
-  path = os.path.join(workdir, WORKDIR_FILE)
+  path = files.join(workdir, WORKDIR_FILE)
   # Other processes read it at the same time (`load_workdir`): never half.
-  files.write_text(path, json.dumps(class_map.to_json(), indent=1))
+  files.write_json(path, class_map.to_json(), indent=1)
   return path
 
 
 def load_workdir(workdir: str) -> ClassMap | None:
   """The ClassMap saved in a workdir, or None when there is none."""
-  from etils import epath  # noqa: PLC0415
-
-  path = epath.Path(workdir) / WORKDIR_FILE
-  if not path.exists():
+  path = files.join(workdir, WORKDIR_FILE)
+  if not files.exists(path):
     return None
-  return ClassMap.from_json(json.loads(path.read_text()))
+  return ClassMap.from_json(files.read_json(path))

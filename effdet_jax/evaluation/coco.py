@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from effdet_jax import files
 
 METRIC_NAMES = (
   'AP',
@@ -119,9 +120,8 @@ class COCOEvaluator:
     self.class_to_category = (
       None if class_to_category is None else dict(class_to_category)
     )
-    if isinstance(annotations, str):
-      with open(annotations) as f:
-        annotations = json.load(f)
+    if isinstance(annotations, str):  # a local path or a URL
+      annotations = files.read_json(annotations)
     self._dataset = None if annotations is None else dict(annotations)
     self._gt_cache = None  # (backend COCO object) for a json ground truth
     self.reset()

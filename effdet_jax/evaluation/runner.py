@@ -18,10 +18,8 @@ json.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -282,8 +280,8 @@ def write_results(
   workdir: str, step: int, results: dict[str, coco.EvalResult]
 ) -> str:
   """`eval/step_<N>.json` (+ detections json, test-dev submission)."""
-  out_dir = os.path.join(workdir, EVAL_DIR)
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.join(workdir, EVAL_DIR)
+  files.makedirs(out_dir)
   names = list(results)
   primary = results[names[0]]
   record: dict[str, Any] = dict(primary.metrics)
@@ -293,21 +291,21 @@ def write_results(
     record[name] = dict(
       results[name].metrics, per_class=results[name].per_class
     )
-  path = os.path.join(out_dir, f'step_{step}.json')
+  path = files.join(out_dir, f'step_{step}.json')
   _write_json(path, record)
   for i, name in enumerate(names):
     suffix = '' if i == 0 else f'_{name}'
     _write_json(
-      os.path.join(out_dir, f'detections_step_{step}{suffix}.json'),
+      files.join(out_dir, f'detections_step_{step}{suffix}.json'),
       results[name].detections,
     )
   if primary.testdev:
-    _write_json(os.path.join(out_dir, coco.TESTDEV_FILE), primary.detections)
+    _write_json(files.join(out_dir, coco.TESTDEV_FILE), primary.detections)
   return path
 
 
 def _write_json(path: str, obj: Any) -> None:
-  files.write_text(path, json.dumps(obj))  # a reader never sees half a file
+  files.write_json(path, obj)  # a reader never sees half a file
 
 
 def _weight_sets(state: Any, which: str) -> dict[str, Any]:
@@ -337,39 +335,33 @@ def restore_weights(
   workdir: str, model: Any, which: str, step: int | None = None
 ) -> tuple[int, dict[str, Any]]:
   """(step, {'ema'|'raw': variables}) from a training workdir."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   from effdet_jax.runtime import checkpoint  # noqa: PLC0415
 
-  manager = checkpoint.read_only_manager(workdir)
-  abstract = jax.eval_shape(lambda: api.init_variables(model))
-
-  def restore(s: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if which in ('ema', 'both'):
-      out['ema'] = manager.restore(
-        s,
-        args=ocp.args.Composite(variables=ocp.args.StandardRestore(abstract)),
-      ).variables
-    if which in ('raw', 'both'):
-      # The raw weights live only in the full train state; restore it
-      # without a target (nested dicts) and keep the two model collections.
-      state = manager.restore(
-        s, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-      ).state
-      out['raw'] = {
-        'params': state['params'],
-        'batch_stats': state['batch_stats'],
-      }
-    return out
-
-  try:
-    # The newest readable step (a corrupt newest one is named and skipped).
-    return checkpoint.restore_newest_readable(
-      manager, restore, None if step is None else int(step)
+  items: dict[str, Any] = {}
+  if which in ('ema', 'both'):
+    items['variables'] = jax.eval_shape(lambda: api.init_variables(model))
+  if which in ('raw', 'both'):
+    # The raw weights live only in the full train state: restored without
+    # a target (nested dicts), keeping the two model collections.
+    items['state'] = None
+  if not checkpoint.is_training_workdir(workdir):
+    raise FileNotFoundError(
+      f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}'
     )
-  finally:
-    manager.close()
+  # The newest readable step (a corrupt newest one is named and skipped).
+  restored_step, out = checkpoint.restore_read_only(
+    workdir, items, None if step is None else int(step)
+  )
+  weights: dict[str, Any] = {}
+  if 'variables' in out:
+    weights['ema'] = out['variables']
+  if 'state' in out:
+    state = out['state']
+    weights['raw'] = {
+      'params': state['params'],
+      'batch_stats': state['batch_stats'],
+    }
+  return restored_step, weights
 
 
 def evaluate_checkpoint(config: Any, workdir: str) -> dict[str, float]:

@@ -16,19 +16,27 @@ Resume never destroys a run:
 - readers (`effdet_jax.load`, `--mode=eval`, `tools.infer`, `init_from`)
   fall back to the newest readable step the same way, without moving
   anything, and say so in one line.
+
+Readers open saved weights in one place, `restore_read_only`: a training
+workdir's checkpoints or a directory written by `effdet_jax.save` / the
+converter. Orbax is handed `checkpoint_dir(workdir)`, an `epath.Path`, so a
+gs:// workdir stays a URL (files.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
+
+from effdet_jax import api, files
 
 CHECKPOINT_DIR = 'checkpoints'
 CORRUPT_PREFIX = 'corrupt-'
@@ -39,10 +47,21 @@ class CheckpointMismatchError(ValueError):
   """A readable checkpoint whose tree is not the configured state's."""
 
 
-def absolute(workdir: str) -> str:
-  """A local path made absolute; a URL (gs://...) as it is (orbax and
-  tensorstore open it)."""
-  return workdir if '://' in workdir else os.path.abspath(workdir)
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """`WORKDIR/checkpoints`, what orbax is handed (a URL stays a URL)."""
+  return files.path(workdir) / CHECKPOINT_DIR
+
+
+def saved_variables_dir(path: str) -> epath.Path:
+  """`PATH/variables` of a directory written by `effdet_jax.save` or the
+  converter, what orbax is handed."""
+  return files.path(path) / api.VARIABLES_DIR
+
+
+def is_training_workdir(path: str) -> bool:
+  """True when `path` holds training checkpoints (else it may be a
+  directory written by `effdet_jax.save` or the converter)."""
+  return files.isdir(checkpoint_dir(path))
 
 
 class Checkpointer:
@@ -57,7 +76,8 @@ class Checkpointer:
     keep_best: int = 1,
     async_save: bool = True,
   ):
-    self.directory = os.path.join(absolute(workdir), CHECKPOINT_DIR)
+    directory = checkpoint_dir(workdir)
+    self.directory = str(directory)
     self.best_metric = best_metric
     policies = [cm.LatestN(n=max(keep, 1))]
     if keep_best > 0 and best_metric:
@@ -75,7 +95,7 @@ class Checkpointer:
       cleanup_tmp_directories=True,
     )
     self.manager = ocp.CheckpointManager(
-      self.directory,
+      directory,
       options=options,
       item_names=('state', 'variables', 'data'),
     )
@@ -108,8 +128,7 @@ class Checkpointer:
 
   def restore_data(self, step: int) -> dict | None:
     """The `data` item of `step`; None for a checkpoint without one."""
-    step_dir = os.path.join(self.directory, str(step), 'data')
-    if not tf_io().gfile.exists(step_dir):
+    if not files.exists(files.join(self.directory, str(step), 'data')):
       return None
     out = self.manager.restore(
       step, args=ocp.args.Composite(data=ocp.args.JsonRestore())
@@ -154,14 +173,14 @@ class Checkpointer:
   def set_aside(self, step: int) -> str:
     """Moves an unreadable step to `corrupt-<step>` (process 0 renames,
     every process waits and re-lists); returns the new path."""
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(self.directory, f'{CORRUPT_PREFIX}{step}')
+    src = files.join(self.directory, str(step))
+    dst = files.join(self.directory, f'{CORRUPT_PREFIX}{step}')
     n = 1
-    while tf_io().gfile.exists(dst):
+    while files.exists(dst):
       n += 1
-      dst = os.path.join(self.directory, f'{CORRUPT_PREFIX}{step}.{n}')
-    if jax.process_index() == 0 and tf_io().gfile.exists(src):
-      tf_io().gfile.rename(src, dst)
+      dst = files.join(self.directory, f'{CORRUPT_PREFIX}{step}.{n}')
+    if jax.process_index() == 0 and files.exists(src):
+      files.rename(src, dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
 
@@ -206,9 +225,10 @@ def _all_finite(tree: Any) -> bool:
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
   """A manager that reads a workdir's checkpoints and never writes (nor
-  creates the folder); close it after use."""
+  creates the folder); close it after use. `restore_read_only` is the
+  readers' way in; this is for a caller that lists the steps itself."""
   return ocp.CheckpointManager(
-    os.path.join(absolute(workdir), CHECKPOINT_DIR),
+    checkpoint_dir(workdir),
     item_names=('state', 'variables'),
     # save_interval_steps=0: what read_only implies (orbax warns otherwise).
     options=ocp.CheckpointManagerOptions(
@@ -253,24 +273,52 @@ def restore_newest_readable(
   )
 
 
+def restore_read_only(
+  path: str, items: Mapping[str, Any], step: int | None = None
+) -> tuple[int | None, dict[str, Any]]:
+  """`(step, {item: tree})`: saved weights opened for reading, never
+  written; the one way readers open them (`effdet_jax.load`, `--mode=eval`,
+  `init_from`, the tools).
+
+  `path` is a training workdir (its `checkpoints/`: the newest readable
+  step, or exactly `step`) or a directory written by `effdet_jax.save` or
+  the converter (its `variables/`; step None). `items` maps what to read,
+  'variables' (the EMA model variables) and/or 'state' (the whole
+  TrainState; workdirs only), to the abstract tree to restore onto, or to
+  None for the tree as saved (nested dicts). A local path or a URL.
+  Raises FileNotFoundError when `path` holds neither.
+  """
+  if is_training_workdir(path):
+    manager = read_only_manager(path)
+    args = ocp.args.Composite(
+      **{k: ocp.args.StandardRestore(v) for k, v in items.items()}
+    )
+    try:
+      return restore_newest_readable(
+        manager, lambda s: dict(manager.restore(s, args=args)), step
+      )
+    finally:
+      manager.close()
+  saved = saved_variables_dir(path)
+  if not files.isdir(saved):
+    raise FileNotFoundError(
+      f'no checkpoint in {checkpoint_dir(path)} and no {api.VARIABLES_DIR}/'
+      ' of effdet_jax.save in ' + files.absolute(path)
+    )
+  if set(items) != {'variables'}:
+    raise ValueError(
+      f'{files.absolute(path)} holds model variables only (written by '
+      f'effdet_jax.save or the converter), not {sorted(items)}'
+    )
+  with ocp.StandardCheckpointer() as reader:
+    return None, {'variables': reader.restore(saved, items['variables'])}
+
+
 def restore_variables(workdir: str, abstract_variables: Any, step=None) -> Any:
   """EMA model variables of a training workdir (newest readable step by
   default)."""
-  manager = read_only_manager(workdir)
-  try:
-    _, out = restore_newest_readable(
-      manager,
-      lambda s: manager.restore(
-        s,
-        args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(abstract_variables)
-        ),
-      ),
-      step,
-    )
-  finally:
-    manager.close()
-  return out.variables
+  _, out = restore_read_only(workdir, {'variables': abstract_variables}, step)
+  return out['variables']
 
 
 def short_error(err: BaseException) -> str:
@@ -301,11 +349,9 @@ def tree_differences(
   """How the saved `state` tree of `step` differs from `abstract_state`:
   [] when it is the same, None when its metadata cannot be read (an
   unreadable checkpoint, not a different one)."""
-  path = os.path.join(str(manager.directory), str(step), 'state')
+  path = epath.Path(manager.directory) / str(step) / 'state'
   try:
-    from etils import epath  # noqa: PLC0415
-
-    metadata = ocp.StandardCheckpointHandler().metadata(epath.Path(path))
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
     saved = _flat(metadata.tree)
   except Exception:  # noqa: BLE001 - unreadable metadata
     return None
@@ -342,11 +388,3 @@ def mismatch_message(directory: str, step: int, differences: list[str]) -> str:
     '--config.init_from.path=<this workdir> to carry the weights over.'
   )
   return '\n'.join(lines)
-
-
-def tf_io():
-  """tf.io for file operations on local and gs:// paths (imported late:
-  building a model must not need TensorFlow)."""
-  import tensorflow as tf  # noqa: PLC0415
-
-  return tf.io

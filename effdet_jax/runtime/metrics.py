@@ -1,20 +1,23 @@
 """Metric writers: TensorBoard (clu) and a JSON-lines file.
 
-Only process 0 writes. The console is not a metric writer: the trainer
-logs one line per log step (`train/trainer.py: progress_line`) and the
-evaluator its COCO table; `create_writer(..., log_to_console=True)` adds
-clu's one-line-per-write logging writer back.
+Only process 0 writes, to a local workdir or a URL (files.py: on an
+object store each metrics.jsonl append rewrites the object). The console
+is not a metric writer: the trainer logs one line per log step
+(`train/trainer.py: progress_line`) and the evaluator its COCO table;
+`create_writer(..., log_to_console=True)` adds clu's one-line-per-write
+logging writer back.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from clu import metric_writers
+
+from effdet_jax import files
 
 METRICS_FILE = 'metrics.jsonl'
 
@@ -23,13 +26,12 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends `{"step": s, name: value, ...}` lines to metrics.jsonl."""
 
   def __init__(self, workdir: str):
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._path = files.join(workdir, METRICS_FILE)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {'step': int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    files.append_text(self._path, json.dumps(row) + '\n')
 
   def write_summaries(self, step, values, metadata=None):  # noqa: D102
     del step, values, metadata
@@ -67,14 +69,15 @@ def create_writer(
   console = [metric_writers.LoggingWriter()] if log_to_console else []
   if jax.process_index() != 0:
     return metric_writers.MultiWriter(console)
-  writers = [*console, metric_writers.SummaryWriter(workdir)]
-  # Object stores (gs://) cannot append: TensorBoard events only there.
-  if '://' not in workdir:
-    writers.append(JsonlWriter(workdir))
+  writers = [
+    *console,
+    metric_writers.SummaryWriter(workdir),
+    JsonlWriter(workdir),
+  ]
   return metric_writers.MultiWriter(writers)
 
 
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """Rows of workdir/metrics.jsonl."""
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  text = files.read_text(files.join(workdir, METRICS_FILE))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -9,9 +9,9 @@ another host has not refreshed it for `stale_after_s` (a running trainer
 refreshes it at most once a minute as it logs). A multi-host run holds it
 once, through process 0, and every process gets the same verdict.
 
-Locally the file is created with O_EXCL (atomic); on object stores (gs://)
-the check-then-write is not atomic, which only matters for two runs started
-within the same second.
+Locally the file is created with O_EXCL (atomic: the lock itself); on
+object stores (gs://, through files.py) the check-then-write is not atomic,
+which only matters for two runs started within the same second.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import time
 
 import jax
 import numpy as np
+
+from effdet_jax import files
 
 LOCK_FILE = 'run.lock'
 REFRESH_S = 60.0
@@ -47,7 +49,8 @@ class WorkdirLock:
   """`with WorkdirLock(workdir): train...` (see the module docstring)."""
 
   def __init__(self, workdir: str, stale_after_s: float = 900.0):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.workdir = workdir
+    self.path = files.join(workdir, LOCK_FILE)
     self.stale_after_s = stale_after_s
     self._held = False
     self._last_refresh = 0.0
@@ -59,10 +62,8 @@ class WorkdirLock:
 
   # -- process 0 ---------------------------------------------------------
   def _read(self) -> dict | None:
-    from etils import epath  # noqa: PLC0415
-
     try:
-      return json.loads(epath.Path(self.path).read_text())
+      return files.read_json(self.path)
     except FileNotFoundError:
       return None
     except (ValueError, OSError):  # half-written or garbage: stale
@@ -71,13 +72,10 @@ class WorkdirLock:
   def _write(self, exclusive: bool) -> bool:
     record = dict(self._record, refreshed=time.time())
     text = json.dumps(record)
-    if '://' in self.path:
-      from etils import epath  # noqa: PLC0415
-
-      epath.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-      epath.Path(self.path).write_text(text)
+    if files.is_remote(self.path):
+      files.write_text(self.path, text)
       return True
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    files.makedirs(self.workdir)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
     try:
       fd = os.open(self.path, flags, 0o644)
@@ -102,7 +100,7 @@ class WorkdirLock:
 
   def _acquire_local(self) -> str | None:
     """Takes the lock; returns an error message instead if it is held."""
-    if '://' not in self.path and self._write(exclusive=True):
+    if not files.is_remote(self.path) and self._write(exclusive=True):
       return None
     holder = self._read()
     if holder is None:  # released meanwhile
@@ -111,7 +109,7 @@ class WorkdirLock:
     if reason is None:
       age = time.time() - float(holder.get('refreshed', 0))
       return (
-        f'workdir {os.path.dirname(self.path)} is in use by the run on host '
+        f'workdir {self.workdir} is in use by the run on host '
         f'{holder.get("host")} pid {holder.get("pid")} (started '
         f'{holder.get("started")}, lock refreshed {age:.0f} s ago). Stop '
         f'that run, use another --workdir, or delete {self.path} if that '
@@ -131,7 +129,7 @@ class WorkdirLock:
 
       held = multihost_utils.broadcast_one_to_all(np.int32(message is not None))
       if int(held) and message is None:
-        message = f'workdir {os.path.dirname(self.path)} is in use by '
+        message = f'workdir {self.workdir} is in use by '
         message += 'another run (see process 0)'
     if message:
       raise WorkdirLockedError(message)
@@ -152,11 +150,9 @@ class WorkdirLock:
       return
     self._held = False
     try:
-      from etils import epath  # noqa: PLC0415
-
       holder = self._read()
       if holder and holder.get('pid') == self._record['pid']:
-        epath.Path(self.path).unlink()
+        files.remove(self.path)
     except OSError as err:
       logging.warning('could not remove %s: %s', self.path, err)
 

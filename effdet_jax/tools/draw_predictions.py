@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from effdet_jax import api, inference
+from effdet_jax import api, files, inference
 
 
 def _decoded(ex: dict[str, Any]) -> np.ndarray:
@@ -43,8 +43,8 @@ def draw_eval_predictions(
     label_map=sources.label_map(config),
     nms_method=config.eval.nms_method,
   )
-  out_dir = os.path.join(workdir, 'predictions')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = files.join(workdir, 'predictions')
+  files.makedirs(out_dir)
   examples = sources.raw_examples(config, 'eval').take(num)
   from PIL import Image  # noqa: PLC0415
 
@@ -54,9 +54,8 @@ def draw_eval_predictions(
     name = ex.get('name', b'')
     name = name.decode() if isinstance(name, bytes) else str(name)
     stem = os.path.splitext(os.path.basename(name))[0] or f'image_{i:03d}'
-    Image.fromarray(inference.draw(image, det)).save(
-      os.path.join(out_dir, f'{stem}.png')
-    )
+    with files.open(files.join(out_dir, f'{stem}.png'), 'wb') as f:
+      Image.fromarray(inference.draw(image, det)).save(f, format='PNG')
   return out_dir
 
 

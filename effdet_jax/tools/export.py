@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from effdet_jax import api, inference, ops
+from effdet_jax import api, files, inference, ops
 from effdet_jax.detection import anchors as anchors_lib
 
 SIGNATURE = 'serving_default'
@@ -168,7 +167,7 @@ def export_saved_model(
   import tensorflow as tf  # noqa: PLC0415
 
   module = build_module(model, variables, config, **kwargs)
-  os.makedirs(output, exist_ok=True)
+  files.makedirs(output)
   tf.saved_model.save(
     module, output, signatures={SIGNATURE: module.serve.get_concrete_function()}
   )
@@ -182,8 +181,9 @@ def export_saved_model(
     },
     'model_config': cfg.to_dict(),
   }
-  with open(os.path.join(output, 'export_info.json'), 'w') as f:
-    json.dump(info, f, indent=1, default=str)
+  files.write_json(
+    files.join(output, 'export_info.json'), info, indent=1, default=str
+  )
   logging.info('export: SavedModel written to %s', output)
   return output
 
@@ -218,8 +218,7 @@ def export_tflite(saved_model_dir: str, path: str) -> str:
       'the SavedModel instead (TF Serving, tf.saved_model.load). Converter '
       f'said: {_first_line(err)}'
     ) from err
-  with open(path, 'wb') as f:
-    f.write(flatbuffer)
+  files.write_bytes(path, flatbuffer)
   logging.warning(
     'export: wrote %s; TFLite detections are not verified against the JAX '
     'path (the SavedModel is)',
@@ -290,9 +289,7 @@ def main(argv):
   summary = {'saved_model': output}
   if f.tflite:
     try:
-      summary['tflite'] = export_tflite(
-        output, os.path.join(output, TFLITE_FILE)
-      )
+      summary['tflite'] = export_tflite(output, files.join(output, TFLITE_FILE))
     except TFLiteUnsupportedError as err:
       print(json.dumps(summary))
       raise SystemExit(f'export: {err}') from err

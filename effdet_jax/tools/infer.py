@@ -19,7 +19,8 @@ without image files; and after the run when not one image (or video frame)
 could be read.
 Video: animated GIF frames are read with Pillow and written back as a drawn
 GIF plus PNG frames; other formats (mp4, ...) need `imageio[ffmpeg]`
-installed (then a drawn mp4 is written too).
+installed (then a drawn mp4 is written too). Inputs and `--output` may be
+local paths or URLs (gs://...; files.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from effdet_jax import api, inference
+from effdet_jax import api, files, inference
 from effdet_jax.cpu import malloc_tuning
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
@@ -62,12 +63,12 @@ def _label_map(config: Any, spec: str, checkpoint: str) -> dict[int, str]:
 
 def list_images(path: str) -> list[str]:
   """Image files of a folder (sorted), or the one file given."""
-  if os.path.isdir(path):
-    return sorted(
-      os.path.join(path, f)
-      for f in os.listdir(path)
+  if files.isdir(path):
+    return [
+      files.join(path, f)
+      for f in files.listdir(path)
       if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    ]
   return [path]
 
 
@@ -79,9 +80,9 @@ def check_input(path: str) -> None:
   """Raises app.UsageError for an input with nothing to read: a path that
   does not exist or a folder without image files (checked before the
   model is loaded and compiled)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise app.UsageError(f'--input={path}: no such file or folder')
-  if os.path.isdir(path) and not list_images(path):
+  if files.isdir(path) and not list_images(path):
     raise app.UsageError(
       f'--input={path}: the folder has no image files '
       f'({", ".join(IMAGE_EXTENSIONS)}); a video must be given as a file'
@@ -92,7 +93,7 @@ def _video_frames(path: str) -> Iterator[np.ndarray]:
   if path.lower().endswith('.gif'):
     from PIL import Image, ImageSequence  # noqa: PLC0415
 
-    with Image.open(path) as im:
+    with files.open(path, 'rb') as f, Image.open(f) as im:
       for frame in ImageSequence.Iterator(im):
         yield np.asarray(frame.convert('RGB'))
     return
@@ -103,13 +104,18 @@ def _video_frames(path: str) -> Iterator[np.ndarray]:
       f'{path}: reading this video format needs `pip install '
       'imageio[ffmpeg]`; animated GIFs work without it'
     ) from err
+  if files.is_remote(path):  # imageio's readers open local files
+    ext = os.path.splitext(path)[1]
+    yield from iio.imiter(files.read_bytes(path), extension=ext)
+    return
   yield from iio.imiter(path)
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
   from PIL import Image  # noqa: PLC0415
 
-  Image.fromarray(array).save(path)
+  with files.open(path, 'wb') as f:
+    Image.fromarray(array).save(f, format='PNG')
 
 
 def run(
@@ -119,7 +125,7 @@ def run(
   min_score: float,
 ) -> dict[str, Any]:
   """Processes the input; returns a summary (counts, skipped files)."""
-  os.makedirs(output, exist_ok=True)
+  files.makedirs(output)
   if input_path.lower().endswith(VIDEO_EXTENSIONS):
     return _run_video(predictor, input_path, output, min_score)
   results, skipped = [], []
@@ -134,7 +140,7 @@ def run(
       name = os.path.basename(path)
       results.extend(det.to_coco(name))
       stem = os.path.splitext(name)[0]
-      _save_png(inference.draw(array, det), os.path.join(output, stem + '.png'))
+      _save_png(inference.draw(array, det), files.join(output, stem + '.png'))
     decoded.clear()
 
   for path in paths:
@@ -153,8 +159,8 @@ def run(
 
 
 def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
-  frames_dir = os.path.join(output, 'frames')
-  os.makedirs(frames_dir, exist_ok=True)
+  frames_dir = files.join(output, 'frames')
+  files.makedirs(frames_dir)
   results, drawn, chunk = [], [], []
 
   def flush():
@@ -164,7 +170,7 @@ def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
     for (index, frame), det in zip(chunk, dets, strict=True):
       results.extend(det.to_coco(index))
       picture = inference.draw(frame, det)
-      _save_png(picture, os.path.join(frames_dir, f'{index:06d}.png'))
+      _save_png(picture, files.join(frames_dir, f'{index:06d}.png'))
       drawn.append(picture)
     chunk.clear()
 
@@ -178,17 +184,21 @@ def _run_video(predictor, path, output, min_score) -> dict[str, Any]:
     from PIL import Image  # noqa: PLC0415
 
     first, *rest = [Image.fromarray(p) for p in drawn]
-    first.save(
-      os.path.join(output, stem + '.gif'),
-      save_all=True,
-      append_images=rest,
-      duration=40,
-      loop=0,
-    )
+    with files.open(files.join(output, stem + '.gif'), 'wb') as f:
+      first.save(
+        f,
+        format='GIF',
+        save_all=True,
+        append_images=rest,
+        duration=40,
+        loop=0,
+      )
     try:
       import imageio.v3 as iio  # noqa: PLC0415
 
-      iio.imwrite(os.path.join(output, stem + '.mp4'), np.stack(drawn), fps=25)
+      # Encoded in memory: imageio's writers open local files only.
+      mp4 = iio.imwrite('<bytes>', np.stack(drawn), extension='.mp4', fps=25)
+      files.write_bytes(files.join(output, stem + '.mp4'), mp4)
     except Exception as err:  # noqa: BLE001 - the GIF is already there
       logging.info('no mp4 written (%s); the drawn GIF and frames are', err)
   return _finish(output, results, [], len(drawn), path)
@@ -198,15 +208,13 @@ def _finish(output, results, skipped, processed, input_path) -> dict[str, Any]:
   """Writes the detections and the summary; raises NothingReadError (after
   writing them: the summary lists the files that failed) when not one
   image was read."""
-  with open(os.path.join(output, 'detections.json'), 'w') as f:
-    json.dump(results, f)
+  files.write_json(files.join(output, 'detections.json'), results)
   summary = {
     'processed': processed,
     'detections': len(results),
     'skipped': skipped,
   }
-  with open(os.path.join(output, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(files.join(output, 'summary.json'), summary, indent=1)
   logging.info(
     'infer: %d images, %d detections, %d skipped -> %s',
     processed,
@@ -220,7 +228,7 @@ def _finish(output, results, skipped, processed, input_path) -> dict[str, Any]:
       f'no image could be read from {input_path}'
       + (f' ({len(skipped)} failed to decode: {failed})' if skipped else '')
       + '; see also '
-      + os.path.join(output, 'summary.json')
+      + files.join(output, 'summary.json')
     )
   return summary
 

@@ -7,10 +7,12 @@ Plots training curves from `W/metrics.jsonl` into a PNG with Pillow only
 from __future__ import annotations
 
 import argparse
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from effdet_jax import files
 from effdet_jax.runtime import metrics as metrics_lib
 
 
@@ -36,7 +38,10 @@ def plot(rows, keys, output, width=640, panel=200):
     draw.text((2, y0), f'{hi:.3g}', fill='black')
     draw.text((2, y1 - 10), f'{lo:.3g}', fill='black')
     draw.text((x1 - 60, y1 + 4), f'step {int(steps.max())}', fill='black')
-  img.save(output)
+  # The format from the name, as PIL's save(path) does; `output` may be a URL.
+  ext = os.path.splitext(output)[1].lower()
+  with files.open(output, 'wb') as f:
+    img.save(f, format=Image.registered_extensions().get(ext, 'PNG'))
 
 
 def main():

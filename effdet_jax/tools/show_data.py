@@ -10,12 +10,13 @@ included) with its boxes and class names, and prints the data counters
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+
+from effdet_jax import files
 
 
 def denormalize(image: np.ndarray, model: Any) -> np.ndarray:
@@ -65,7 +66,7 @@ def show(config: Any, split: str, num: int, output: str) -> list[str]:
   else:
     ds = pipeline.eval_dataset(config, stats=stats)
   names = sources.label_map(config)
-  os.makedirs(output, exist_ok=True)
+  files.makedirs(output)
   paths = []
   for batch in ds.as_numpy_iterator():
     for i in range(batch['image'].shape[0]):
@@ -77,10 +78,11 @@ def show(config: Any, split: str, num: int, output: str) -> list[str]:
         batch['classes'][i],
         names,
       )
-      path = os.path.join(
+      path = files.join(
         output, f'{split}_{len(paths):03d}_id{int(batch["image_id"][i])}.png'
       )
-      pil.save(path)
+      with files.open(path, 'wb') as f:
+        pil.save(f, format='PNG')
       paths.append(path)
     if len(paths) == num:
       break

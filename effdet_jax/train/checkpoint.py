@@ -3,10 +3,10 @@
 
 import warnings
 
+from effdet_jax.files import absolute
 from effdet_jax.runtime.checkpoint import (
   CHECKPOINT_DIR,
   Checkpointer,
-  absolute,
   restore_variables,
 )
 

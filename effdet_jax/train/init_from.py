@@ -47,9 +47,7 @@ backbone's [-1, 1]) must equal the run's, else the run stops.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import os
 import re
 from typing import Any
 
@@ -57,7 +55,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from effdet_jax import api, model_checks
+from effdet_jax import api, files, model_checks
 from effdet_jax.convert import keras_h5, strict_fill, tf_backbone
 from effdet_jax.convert import tf_checkpoint as tf_ckpt
 
@@ -68,12 +66,14 @@ REPORT_FILE = 'init_from_report.txt'
 
 def source_format(path: str) -> str:
   """'keras' | 'workdir' | 'converted' | 'tf' for an init_from path."""
-  if os.path.isfile(path) and path.endswith('.h5'):
+  from effdet_jax.runtime import checkpoint  # noqa: PLC0415
+
+  if path.endswith('.h5') and files.isfile(path):
     return 'keras'
-  if os.path.isfile(os.path.join(path, api.MODEL_CONFIG_FILE)):
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if files.isfile(files.join(path, api.MODEL_CONFIG_FILE)):
+    if checkpoint.is_training_workdir(path):
       return 'workdir'
-    if os.path.isdir(os.path.join(path, api.VARIABLES_DIR)):
+    if files.isdir(checkpoint.saved_variables_dir(path)):
       return 'converted'
   import tensorflow as tf  # noqa: PLC0415 - slow import
 
@@ -92,34 +92,21 @@ def source_format(path: str) -> str:
 
 def _our_tree(path: str, fmt: str, ema: bool) -> tuple[dict, dict]:
   """(variables as saved, model config) of a converted dir or workdir."""
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
-  # A bad file stops here with its path, not as a bare JSON/KeyError.
-  cfg = model_checks.read_model_config(
-    os.path.join(path, api.MODEL_CONFIG_FILE)
-  )
-  if fmt == 'converted':
-    tree = ocp.StandardCheckpointer().restore(
-      os.path.join(path, api.VARIABLES_DIR)
-    )
-    return tree, cfg
   from effdet_jax.runtime import checkpoint  # noqa: PLC0415
 
-  manager = checkpoint.read_only_manager(path)
-  item = 'variables' if ema else 'state'
+  # A bad file stops here with its path, not as a bare JSON/KeyError.
+  cfg = model_checks.read_model_config(files.join(path, api.MODEL_CONFIG_FILE))
+  # A converted dir holds one copy; a workdir's EMA variables or its state
+  # (the raw weights), as saved (nested dicts).
+  item = 'variables' if ema or fmt == 'converted' else 'state'
   try:
     # The newest readable step (a corrupt newest one is named and skipped).
-    step, out = checkpoint.restore_newest_readable(
-      manager,
-      lambda s: manager.restore(
-        s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
-      ),
-    )
+    step, out = checkpoint.restore_read_only(path, {item: None})
   except FileNotFoundError as err:
     raise FileNotFoundError(f'init_from: {err}') from None
-  finally:
-    manager.close()
   tree = out[item]
+  if fmt == 'converted':
+    return tree, cfg
   if not ema:
     tree = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
   logging.info('init_from: %s step %d (%s weights)', path, step, item)
@@ -147,11 +134,10 @@ def _check_normalisation(src_cfg: dict, model_cfg: Any, path: str) -> None:
 def _converted_kind(path: str) -> str:
   """'backbone' for a `--source=tf-backbone`/`torch-backbone` output,
   else 'detector'."""
-  info = os.path.join(path, 'conversion.json')
-  if not os.path.isfile(info):
+  info = files.join(path, 'conversion.json')
+  if not files.isfile(info):
     return 'detector'
-  with open(info) as f:
-    return json.load(f).get('kind', 'detector')
+  return files.read_json(info).get('kind', 'detector')
 
 
 def load(init: Any, model_cfg: Any, abstract: dict):
@@ -159,7 +145,7 @@ def load(init: Any, model_cfg: Any, abstract: dict):
 
   Raises ConversionError when the source does not fit (names listed).
   """
-  path, kind = os.path.abspath(init.path), init.kind
+  path, kind = files.absolute(init.path), init.kind
   if kind not in KINDS:
     raise ValueError(f'init_from.kind={kind!r}; valid: {KINDS}')
   fmt = source_format(path)
@@ -331,7 +317,8 @@ def initial_state(trainer: Any, config: Any, workdir: str) -> Any:
   for line in lines:
     logging.info('%s', line)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, REPORT_FILE), 'w') as f:
-      f.write('\n'.join(lines + report.lines()) + '\n')
+    files.write_text(
+      files.join(workdir, REPORT_FILE),
+      '\n'.join(lines + report.lines()) + '\n',
+    )
   return fresh_state_with(trainer, variables)

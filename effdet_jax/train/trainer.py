@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -108,11 +107,11 @@ def write_config(config: Any, workdir: str) -> None:
     return
   # A local path or gs://; `effdet_jax.load` may be reading it meanwhile.
   files.write_text(
-    os.path.join(workdir, 'config.json'),
+    files.join(workdir, 'config.json'),
     config.to_json_best_effort(indent=2, sort_keys=True),
   )
   files.write_text(
-    os.path.join(workdir, api.MODEL_CONFIG_FILE),
+    files.join(workdir, api.MODEL_CONFIG_FILE),
     json.dumps(config.model.to_dict(), indent=2, sort_keys=True),
   )
 
