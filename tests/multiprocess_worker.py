@@ -25,6 +25,7 @@ if len(sys.argv) > 2:
 from flax import traverse_util  # noqa: E402
 from train_utils import fixed_batch, tiny_config  # noqa: E402
 
+from effdet_jax.runtime import partitioning  # noqa: E402
 from effdet_jax.train.trainer import Trainer  # noqa: E402
 
 
@@ -40,14 +41,18 @@ def main():
   init = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
   pi, pc = jax.process_index(), jax.process_count()
   rows = slice(pi * 8 // pc, (pi + 1) * 8 // pc)
-  for step in range(3):
-    batch = fixed_batch(config, seed=step)
+  step = None
+  for i in range(3):
+    batch = fixed_batch(config, seed=i)
     sh = tr.batch_sharding(batch)
     g = {
       k: jax.make_array_from_process_local_data(sh[k], v[rows])
       for k, v in batch.items()
     }
-    state, _ = tr.step_fn(g)(state, g)
+    if step is None:  # every process compiled before the first collective
+      step = tr.step_fn(g).lower(state, g).compile()
+      partitioning.wait_for_all_processes('worker step compiled')
+    state, _ = step(state, g)
   # Every process waits for its steps (they hold collectives): one that
   # exited after dispatching them would leave the others' steps hanging.
   jax.block_until_ready(state)

@@ -66,6 +66,10 @@ def test_switch_resolves_validates_and_restores():
 def _tiny(fpn_num_filters=24):
   return effdet_jax.create_model(
     'efficientdet-d0',
+    # B0's block forms (stem; MBConv without expand, with expand, with the
+    # identity skip), ten blocks at half width: what is compared here is
+    # each form on the two backends, not the depth.
+    backbone_name='efficientnet-b0-tiny',
     image_size=(64, 64),
     max_level=5,
     num_classes=3,

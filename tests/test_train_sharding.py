@@ -77,14 +77,14 @@ def test_sharded_step_equals_single_device(
 
 
 def d7x_shaped_config():
-  """D7x's structure (P3-P8, `sum` fusion) at toy size: b0 backbone, two
-  16-filter BiFPN cells, 256 px (P8 is 1x1; the smallest input). No
-  remat: it recomputes the same function and would double the compile
-  time of this test."""
+  """D7x's structure (P3-P8, `sum` fusion) at toy size: the tiny B0
+  backbone (every block form, ten blocks), two 16-filter BiFPN cells,
+  256 px (P8 is 1x1; the smallest input). No remat: it recomputes the
+  same function and would double the compile time of this test."""
   config = tiny_config(image=256)
   config.model = api.model_config(
     'efficientdet-d7x',
-    backbone_name='efficientnet-b0',
+    backbone_name='efficientnet-b0-tiny',
     image_size=(256, 256),
     num_classes=3,
     fpn_num_filters=16,

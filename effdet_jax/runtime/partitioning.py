@@ -87,3 +87,26 @@ def state_shardings(mesh: Mesh, abstract_state: Any, rules=()) -> Any:
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def wait_for_all_processes(name: str, timeout_s: float = 1800.0) -> None:
+  """Returns when every process of a multi-process run has reached `name`.
+
+  Called between a program's compile and its first run. The barrier is the
+  coordination service's (the one `jax.distributed.initialize` started),
+  with a long deadline: a collective cannot serve as the barrier, since
+  on CPU the first one creates a gloo context whose rendezvous gives up
+  after 30 s, less than the compile-time spread of processes that share
+  cores. A no-op in a single process.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # noqa: PLC0415 - no public barrier
+
+  client = distributed.global_state.client
+  if client is None:  # processes not started by jax.distributed
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))

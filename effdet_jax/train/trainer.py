@@ -475,6 +475,7 @@ def _loop(
           # program serves every batch).
           timer.mark('data')
           step_exec = trainer.step_fn(batch).lower(state, batch).compile()
+          partitioning.wait_for_all_processes('effdet_jax step compiled')
           timer.mark('compile')
         state, step_metrics = step_exec(state, batch)
         done = step + 1
