@@ -12,8 +12,8 @@ reads XLA's memory analysis of one device.
 Targets:
   tpu  a compile-only TPU topology (`jax.experimental.topologies`) from
        `libtpu`: the TPU compiler itself, no TPU needed. libtpu comes from
-       `pip install libtpu==<the version jax[tpu] pins>` (or
-       `TPU_LIBRARY_PATH`); it is not a dependency of this project.
+       the `tpu` extra, `pip install -e '.[tpu]'` (the version jax[tpu]
+       pins), or `TPU_LIBRARY_PATH`; not a default dependency.
   cpu  fake CPU devices of the mesh size (`jax_num_cpu_devices`): XLA:CPU's
        buffer assignment, an approximation of TPU memory (no tile padding,
        other fusions; see README).
