@@ -51,6 +51,14 @@ def test_cli_json_and_memory_falls_with_spatial():
   assert split['backend'] == 'cpu'
   assert split['mesh'] == {'data': 1, 'spatial': 2}
   assert set(split['verdict']) == {'v3', 'v4', 'v5e', 'v5p'}
+  # The implied speed is the FLOP count over half the v3 core's peak.
+  implied = split['implied']
+  assert implied['tpu'] == 'v3' and split['flops_per_device'] > 1e8
+  step_s = split['flops_per_device'] / (0.5 * 61.5e12)
+  assert implied['step_ms'] == pytest.approx(1e3 * step_s, rel=1e-2)
+  assert implied['images_per_s_per_device'] == pytest.approx(
+    1 / step_s, rel=1e-2
+  )
   # The same step unsplit, in this process (tests/conftest.py: 8 devices).
   config = config_files.load('demo:test')
   config.model.image_size = (_SIZE, _SIZE)
@@ -59,3 +67,5 @@ def test_cli_json_and_memory_falls_with_spatial():
   # Halving the rows of every activation: well below the unsplit step.
   assert split['temp_bytes'] < 0.7 * whole['temp_bytes']
   assert split['per_device_bytes'] < 0.7 * whole['per_device_bytes']
+  # The FLOP count is one device's share: half the rows, about half.
+  assert split['flops_per_device'] < 0.7 * whole['flops_per_device']

@@ -41,6 +41,12 @@ from ml_collections import config_flags
 
 # HBM per JAX device (a v3 core; a v4 / v5p megacore chip; a v5e chip).
 DEVICE_MEMORY_GIB = {'v3': 16, 'v4': 32, 'v5e': 16, 'v5p': 95}
+# Peak dense bf16 TFLOP/s per JAX device (a v3 core: half of a chip's 123;
+# a v4 / v5p megacore chip; a v5e chip). f32 convolutions and matmuls run
+# on the same units at XLA:TPU's default precision (bf16 passes).
+PEAK_TFLOPS = {'v3': 61.5, 'v4': 275.0, 'v5e': 197.0, 'v5p': 459.0}
+# The fraction of peak `implied_speed` assumes.
+IMPLIED_UTILISATION = 0.5
 # TPU generation -> (JAX devices per chip, topology dimensions, chip config).
 _TPU = {
   'v3': (2, 2, None),
@@ -207,6 +213,11 @@ def plan(
     compiled = lowered.compile()
   compile_s = time.time() - start
   mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # older JAX: one dict per program
+    cost = cost[0] if cost else {}
+  # XLA's cost analysis of the partitioned program: one device's share.
+  flops = float((cost or {}).get('flops', 0.0))
   args = int(mem.argument_size_in_bytes)
   outs = int(mem.output_size_in_bytes)
   alias = int(mem.alias_size_in_bytes)
@@ -230,9 +241,28 @@ def plan(
     'temp_bytes': temps,
     'xla_peak_bytes': int(getattr(mem, 'peak_memory_in_bytes', 0) or 0),
     'per_device_bytes': total,
+    'flops_per_device': flops,
     'compile_s': round(compile_s, 1),
   }
   return result
+
+
+def implied_speed(result: dict[str, Any], gen: str) -> dict[str, float]:
+  """Step time and images/s per device if the step ran at
+  IMPLIED_UTILISATION of a `gen` device's peak: a planning figure from
+  XLA's FLOP count, not a measurement."""
+  flops = result['flops_per_device']
+  rate = IMPLIED_UTILISATION * PEAK_TFLOPS[gen] * 1e12
+  step_s = flops / rate if flops else float('nan')
+  images = result['global_batch'] / (
+    result['mesh']['data'] * result['mesh']['spatial']
+  )
+  return {
+    'tpu': gen,
+    'utilisation': IMPLIED_UTILISATION,
+    'step_ms': round(1e3 * step_s, 2),
+    'images_per_s_per_device': round(images / step_s, 2) if flops else 0.0,
+  }
 
 
 def verdicts(per_device_bytes: int, headroom: float) -> dict[str, dict]:
@@ -274,6 +304,14 @@ def format_text(r: dict[str, Any]) -> str:
   for gen, v in r['verdict'].items():
     word = 'fits' if v['fits'] else 'does NOT fit'
     lines.append(f'  TPU {gen:4s} {v["device_gib"]:3d} GiB/device: {word}')
+  if 'implied' in r:
+    i = r['implied']
+    lines.append(
+      f'compute: {r["flops_per_device"] / 1e12:.3f} TFLOP per step per '
+      f"device; at {i['utilisation']:.0%} of a TPU {i['tpu']} device's "
+      f'bf16 peak: {i["step_ms"]:.1f} ms per step, '
+      f'{i["images_per_s_per_device"]:.1f} images/s per device'
+    )
   return '\n'.join(lines)
 
 
@@ -323,6 +361,7 @@ def main(argv):
   if result is None:
     result = plan(config, mesh, f.per_device_batch, cpu_devices(n), 'cpu')
   result['verdict'] = verdicts(result['per_device_bytes'], f.headroom)
+  result['implied'] = implied_speed(result, f.tpu)
   if f.format == 'json':
     print(json.dumps(result, sort_keys=True))
   else:
