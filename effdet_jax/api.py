@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from effdet_jax import files, model_checks, registry
+from effdet_jax import files, initialization, model_checks, registry
 from effdet_jax.models import efficientnet
 from effdet_jax.models.efficientdet import EfficientDet
 
@@ -128,11 +128,21 @@ def _model_section(
 
 
 def init_variables(model: EfficientDet, rng: jax.Array | None = None) -> dict:
-  """Fresh variables ({'params', 'batch_stats'}); compiled, not eager."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  size = 2**model.max_level
-  images = jnp.zeros((1, size, size, 3), jnp.float32)
-  return jax.jit(lambda r: model.init(r, images, train=False))(rng)
+  """Fresh variables ({'params', 'batch_stats'}) on the default device.
+
+  Drawn on the host from `rng` (a JAX key; default seed 0), no compiled
+  program: see `effdet_jax.initialization`. Under a JAX transformation
+  with a traced key, `model.init` itself.
+  """
+  if isinstance(rng, jax.core.Tracer):
+    return initialization.init(model, rng)
+  host = initialization.host_variables(model, 0 if rng is None else rng)
+  return initialization.to_device(host)
+
+
+def abstract_variables(model: EfficientDet) -> dict:
+  """The variables' structure (`jax.ShapeDtypeStruct` leaves), no values."""
+  return initialization.abstract_variables(model)
 
 
 def create_model(
@@ -197,7 +207,7 @@ def load(path: str, dtype: str | None = None) -> ModelAndVariables:
     if isinstance(cfg.get(key), list):
       cfg[key] = tuple(cfg[key])
   model = build_model(cfg)
-  abstract = jax.eval_shape(lambda: init_variables(model))
+  abstract = abstract_variables(model)
   # A training workdir's newest readable EMA variables, or what save wrote.
   _, out = checkpoint.restore_read_only(path, {'variables': abstract})
   return ModelAndVariables(model, out['variables'], cfg)

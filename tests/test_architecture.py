@@ -1,7 +1,5 @@
 """Architecture facts of the official code, written down as tests."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +68,7 @@ def test_backbone_drop_connect_rule():
 
 def _names(name):
   model = effdet_jax.build_model(effdet_jax.model_config(name))
-  v = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  v = effdet_jax.api.abstract_variables(model)
   return {
     '/'.join(p): x.shape for p, x in traverse_util.flatten_dict(v).items()
   }
@@ -148,7 +146,7 @@ def test_non_multiple_sizes_follow_ceil_halving():
     ('efficientdet-lite2', 448, 4),
   ):
     model = effdet_jax.build_model(effdet_jax.model_config(name))
-    v = jax.eval_shape(functools.partial(effdet_jax.api.init_variables, model))
+    v = effdet_jax.api.abstract_variables(model)
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     cls, box = jax.eval_shape(model.apply, v, x)
     assert [c.shape[1] for c in cls][-1] == p7

@@ -27,7 +27,7 @@ BB = 'efficientnet-b0'
 def d0_abstract():
   cfg = effdet_jax.model_config('efficientdet-d0')
   model = effdet_jax.build_model(cfg)
-  return cfg, jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  return cfg, effdet_jax.api.abstract_variables(model)
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_keras_h5_gaps_are_errors_listing_names(
   # gap, it is fresh (from `fallback`), its source tensors skipped.
   cfg3 = effdet_jax.model_config('efficientdet-d0', num_classes=3)
   model3 = effdet_jax.build_model(cfg3)
-  abstract3 = jax.eval_shape(lambda: effdet_jax.api.init_variables(model3))
+  abstract3 = effdet_jax.api.abstract_variables(model3)
   with pytest.raises(ConversionError, match='2 shape mismatches'):
     keras_h5.convert_keras_h5(str(oracle_dir / 'model.h5'), abstract3, BB)
   gap = 'class_net/class-predict/(pointwise_kernel|bias)'

@@ -249,7 +249,7 @@ def test_top5_classes_equal_pytorch(converted, lite0_state_dict):
 
 def test_other_backbone_fails_naming_it(lite0_state_dict):
   model = effdet_jax.build_model(effdet_jax.model_config('efficientdet-lite0'))
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   fill = lambda sd: torch_backbone.convert_torch_backbone_state_dict(
     sd, abstract, model.backbone
   )
@@ -311,7 +311,7 @@ def test_squeeze_excite_backbone_equals_timm_b0():
 
   cfg = effdet_jax.model_config('efficientdet-d0')
   model = effdet_jax.build_model(cfg)
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   variables, report = torch_backbone.convert_torch_backbone_state_dict(
     sd, abstract, model.backbone
   )

@@ -140,7 +140,7 @@ def test_freeze_changes_only_unfrozen_leaves(converted, tmp_path, caplog):
   # init_from reads a training workdir too (EMA or raw copy).
   cfg = config.model
   model = effdet_jax.build_model(cfg)
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   for ema in (True, False):
     init = config.init_from.copy_and_resolve_references()
     init.path, init.ema = str(workdir), ema
@@ -169,7 +169,7 @@ def test_freeze_changes_only_unfrozen_leaves(converted, tmp_path, caplog):
 def test_freeze_official_names_and_errors():
   cfg = effdet_jax.model_config('efficientdet-d0')
   model = effdet_jax.build_model(cfg)
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   params, stats = freeze.masks(abstract, FREEZE, 'efficientnet-b0')
   names = tf_checkpoint.official_names(abstract, 'efficientnet-b0')
   for path, name in names.items():

@@ -113,7 +113,7 @@ def test_checkpoint_without_ema_needs_flag(oracle_dir, tmp_path):
       sess.run(tf.compat.v1.global_variables_initializer())
       saver.save(sess, prefix)
   model = effdet_jax.build_model(effdet_jax.model_config('efficientdet-d0'))
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   with pytest.raises(ConversionError, match='--ema=false'):
     convert_tf_checkpoint(prefix, abstract, 'efficientnet-b0', ema=True)
   raw = convert_tf_checkpoint(prefix, abstract, 'efficientnet-b0', ema=False)

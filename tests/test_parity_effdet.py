@@ -77,7 +77,7 @@ def test_effdet_parity(ref_name, name, size, backend):
 
   cfg = effdet_jax.model_config(name)
   model = effdet_jax.build_model(cfg)
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
   variables = effdet_torch.convert_effdet_state_dict(
     state, abstract, model.backbone, model.min_level
@@ -151,7 +151,7 @@ def test_effdet_lite_checkpoint_rejected_for_d0():
     'tf_efficientdet_lite0', pretrained=False, pretrained_backbone=False
   )
   model = effdet_jax.build_model(effdet_jax.model_config('efficientdet-d0'))
-  abstract = jax.eval_shape(lambda: effdet_jax.api.init_variables(model))
+  abstract = effdet_jax.api.abstract_variables(model)
   state = {k: v.numpy() for k, v in ref.state_dict().items()}
   # lite has no SE and sum fusion: the error names the missing tensors.
   with pytest.raises(ConversionError, match=r'se\.conv_expand'):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-
 from effdet_jax import api
 from effdet_jax.convert import (
   effdet_torch,
@@ -60,7 +58,7 @@ def convert(
   `(variables, Report)`.
   """
   model = api.build_model(model_cfg)
-  abstract = jax.eval_shape(lambda: api.init_variables(model))
+  abstract = api.abstract_variables(model)
   fallback = api.init_variables(model) if allow_missing else None
   bb = model_cfg.backbone_name
   if source == 'tf':

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from effdet_jax.cpu import native_batch_norm
+from effdet_jax.models import initializers
 from effdet_jax.models.batch_norm import moments
 
 Array = jax.Array
@@ -168,13 +169,13 @@ class BatchNorm(nn.Module):
     summed as y is written (`normalize_act_train_pooled`).
     """
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    scale = self.param('scale', initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable(
-      'batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)
+      'batch_stats', 'mean', initializers.zeros, None, (c,), jnp.float32
     )
     ra_var = self.variable(
-      'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
+      'batch_stats', 'var', initializers.ones, None, (c,), jnp.float32
     )
     if affine_only:
       if not self.use_running_average:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from effdet_jax.cpu import layers, native_fusion
+from effdet_jax.models import initializers
 from effdet_jax.models import layers as plain_layers
 
 Array = jax.Array
@@ -220,7 +221,7 @@ def head_net(plain, m, feats, train: bool = False) -> list[Array]:
   if not m.separable:
     return plain(m, feats, train)
   act = plain_layers.activation(m.act_type)
-  sep = lambda features, name, bias_init=nn.initializers.zeros: (
+  sep = lambda features, name, bias_init=initializers.zeros: (
     layers.SeparableConv(
       features,
       depthwise_init=plain_layers.head_init,
@@ -234,7 +235,7 @@ def head_net(plain, m, feats, train: bool = False) -> list[Array]:
   predict = sep(
     m.num_outputs,
     f'{m.prefix}-predict',
-    nn.initializers.constant(m.bias_init_value),
+    initializers.Constant(m.bias_init_value),
   )
   outputs = []
   for level_id, x in enumerate(feats):

@@ -31,6 +31,7 @@ from effdet_jax.cpu import (
   native_weight_grad,
 )
 from effdet_jax.cpu.batch_norm import BatchNorm
+from effdet_jax.models import initializers
 from effdet_jax.models.layers import (
   BN_EPSILON,
   BN_MOMENTUM,
@@ -591,7 +592,7 @@ class SeparableConv(nn.Module):
   use_bias: bool = True
   depthwise_init: Initializer = glorot_uniform
   pointwise_init: Initializer = glorot_uniform
-  bias_init: Initializer = nn.initializers.zeros
+  bias_init: Initializer = initializers.zeros
   dtype: Dtype = jnp.float32
   impl: str = 'auto'
 
@@ -648,7 +649,7 @@ class Conv(nn.Module):
   stride: int = 1
   use_bias: bool = True
   kernel_init: Initializer = glorot_uniform
-  bias_init: Initializer = nn.initializers.zeros
+  bias_init: Initializer = initializers.zeros
   dtype: Dtype = jnp.float32
   impl: str = 'auto'
 

@@ -339,7 +339,7 @@ def restore_weights(
 
   items: dict[str, Any] = {}
   if which in ('ema', 'both'):
-    items['variables'] = jax.eval_shape(lambda: api.init_variables(model))
+    items['variables'] = api.abstract_variables(model)
   if which in ('raw', 'both'):
     # The raw weights live only in the full train state: restored without
     # a target (nested dicts), keeping the two model collections.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from effdet_jax import ops
+from effdet_jax.models import initializers
 
 Array = jax.Array
 Activation = Callable[[Array], Array] | None
@@ -69,13 +70,13 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    scale = self.param('scale', initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable(
-      'batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32)
+      'batch_stats', 'mean', initializers.zeros, None, (c,), jnp.float32
     )
     ra_var = self.variable(
-      'batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32)
+      'batch_stats', 'var', initializers.ones, None, (c,), jnp.float32
     )
     x = x.astype(self.dtype)
     if self.use_running_average:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from effdet_jax import ops
-from effdet_jax.models import layers
+from effdet_jax.models import initializers, layers
 
 Array = jax.Array
 
@@ -199,8 +199,7 @@ class FNode(nn.Module):
     )
     names = ['WSM'] + [f'WSM_{i}' for i in range(1, n)]
     return [
-      self.param(name, nn.initializers.ones, shape, jnp.float32)
-      for name in names
+      self.param(name, initializers.ones, shape, jnp.float32) for name in names
     ]
 
   def fuse(self, nodes: list[Array]) -> Array:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from effdet_jax import ops
-from effdet_jax.models import layers
+from effdet_jax.models import initializers, layers
 
 Array = jax.Array
 
@@ -53,7 +53,7 @@ class HeadNet(nn.Module):
     predict = self._conv(
       self.num_outputs,
       f'{self.prefix}-predict',
-      bias_init=nn.initializers.constant(self.bias_init_value),
+      bias_init=initializers.Constant(self.bias_init_value),
     )
     outputs = []
     for level_id, x in enumerate(feats):
@@ -70,7 +70,7 @@ class HeadNet(nn.Module):
       outputs.append(predict(x))
     return outputs
 
-  def _conv(self, features, name, bias_init=nn.initializers.zeros):
+  def _conv(self, features, name, bias_init=initializers.zeros):
     if self.separable:
       return layers.SeparableConv(
         features,
@@ -84,7 +84,7 @@ class HeadNet(nn.Module):
       features,
       (3, 3),
       padding='SAME',
-      kernel_init=nn.initializers.normal(0.01),
+      kernel_init=initializers.Normal(0.01),
       bias_init=bias_init,
       dtype=self.dtype,
       param_dtype=jnp.float32,

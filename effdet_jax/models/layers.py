@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from effdet_jax import ops
+from effdet_jax.models import initializers
 from effdet_jax.models.batch_norm import BatchNorm
 
 Array = jax.Array
@@ -91,12 +92,12 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 # Backbone: plain normal with std sqrt(2 / fan_out), fan_out = kh*kw*out
 # (official `efficientnet_model.py: conv_kernel_initializer`).
-backbone_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+backbone_conv_init = initializers.VarianceScaling(2.0, 'fan_out', 'normal')
 # BiFPN: Keras' default glorot-uniform (fans computed from the TF layout).
-glorot_uniform = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+glorot_uniform = initializers.VarianceScaling(1.0, 'fan_avg', 'uniform')
 # Heads: Keras 'variance_scaling' = scale 1, fan_in, truncated normal
 # (official `tf2/efficientdet_keras.py: ClassNet`, `BoxNet`).
-head_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+head_init = initializers.VarianceScaling(1.0, 'fan_in', 'truncated_normal')
 
 
 # --------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class Conv(nn.Module):
   stride: int = 1
   use_bias: bool = True
   kernel_init: Initializer = glorot_uniform
-  bias_init: Initializer = nn.initializers.zeros
+  bias_init: Initializer = initializers.zeros
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -258,7 +259,7 @@ class SeparableConv(nn.Module):
   use_bias: bool = True
   depthwise_init: Initializer = glorot_uniform
   pointwise_init: Initializer = glorot_uniform
-  bias_init: Initializer = nn.initializers.zeros
+  bias_init: Initializer = initializers.zeros
   dtype: Dtype = jnp.float32
 
   @nn.compact

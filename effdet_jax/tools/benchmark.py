@@ -212,7 +212,7 @@ def run(
     # backend): no custom call hides arithmetic from the jaxpr walk.
     model = api.build_model(config.model)
     x = jax.ShapeDtypeStruct((1, *config.model.image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: api.init_variables(model))
+    abstract = api.abstract_variables(model)
     macs = flops_lib.count_flops(
       lambda v, im: model.apply(v, im, train=False), abstract, x
     )

@@ -35,7 +35,7 @@ def summarize(model_cfg: Any) -> dict[str, Any]:
   # FLOPs are counted on the plain forms (`count_flops` traces with the
   # 'xla' backend: one grouped conv per depthwise conv, as in TF).
   model = api.build_model(cfg)
-  variables = jax.eval_shape(lambda: api.init_variables(model))
+  variables = api.abstract_variables(model)
   flat = traverse_util.flatten_dict(variables)
   split = dict.fromkeys(_PARTS, 0)
   params = bn_stats = 0

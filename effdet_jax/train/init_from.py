@@ -55,7 +55,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from effdet_jax import api, files, model_checks
+from effdet_jax import api, files, initialization, model_checks
 from effdet_jax.convert import keras_h5, strict_fill, tf_backbone
 from effdet_jax.convert import tf_checkpoint as tf_ckpt
 
@@ -270,34 +270,13 @@ def fresh_state_with(trainer: Any, variables: dict) -> Any:
   """The trainer's fresh state with `variables` (a part of the model's
   variables) in params, batch_stats and their EMA copies.
 
-  One jitted function of the loaded values: the initialisers of the leaves
-  they replace are dead code that XLA drops, so this compiles in seconds
-  where the full initialisation of a D0 takes most of a minute on a CPU.
-  The other leaves get exactly the values of `trainer.fresh_state()`.
+  The other leaves get exactly the values of `trainer.fresh_state()`; the
+  optimizer state is made from the merged params. Host arrays, each placed
+  in its sharding: no compiled program.
   """
   loaded = traverse_util.flatten_dict(dict(variables), sep='/')
-
-  def put(tree, collection, values):
-    flat = traverse_util.flatten_dict(dict(tree), sep='/')
-    for name in flat:
-      key = f'{collection}/{name}'
-      if key in values:
-        flat[name] = values[key].astype(flat[name].dtype)
-    return traverse_util.unflatten_dict(flat, sep='/')
-
-  def init_with(values):
-    state = trainer.init_fn()
-    params = put(state.params, 'params', values)
-    stats = put(state.batch_stats, 'batch_stats', values)
-    return state.replace(
-      params=params,
-      batch_stats=stats,
-      opt_state=trainer.tx.init(params),
-      ema_params=params,
-      ema_batch_stats=stats,
-    )
-
-  return jax.jit(init_with, out_shardings=trainer.state_shardings)(loaded)
+  host = trainer.host_state(jax.device_get(loaded))
+  return initialization.to_device(host, trainer.state_shardings)
 
 
 def initial_state(trainer: Any, config: Any, workdir: str) -> Any:

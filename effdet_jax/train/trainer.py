@@ -9,7 +9,6 @@ so a resumed run is bitwise equal to an uninterrupted one on CPU.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import signal
@@ -17,11 +16,11 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from effdet_jax import api, files
+from effdet_jax import api, files, initialization
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.runtime import (
   checkpoint,
@@ -83,22 +82,30 @@ class _Preemption:
     return bool(np.any(flags))
 
 
-def init_state(model: Any, config: Any, tx: Any, rng: jax.Array) -> TrainState:
-  """A fresh TrainState (params, BN statistics, optimizer, EMA copies)."""
-  init_rng, state_rng = jax.random.split(rng)
-  variables = api.init_variables(model, init_rng)
+def _assemble(variables: dict, opt_state: Any, rng: Any) -> TrainState:
+  """A fresh TrainState of these variables, optimizer state and rng."""
   params, batch_stats = variables['params'], variables['batch_stats']
   return TrainState(
-    step=jnp.int32(0),
+    step=np.int32(0),
     params=params,
     batch_stats=batch_stats,
-    opt_state=tx.init(params),
+    opt_state=opt_state,
     ema_params=params,
     ema_batch_stats=batch_stats,
-    rng=state_rng,
-    num_skipped=jnp.int32(0),
-    last_skipped_step=jnp.int32(-1),
+    rng=rng,
+    num_skipped=np.int32(0),
+    last_skipped_step=np.int32(-1),
   )
+
+
+def _with_values(variables: dict, values: dict) -> dict:
+  """`variables` with the leaves named in `values` ('params/...',
+  'batch_stats/...') replaced, cast to the variable's dtype."""
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  for name, value in values.items():
+    if name in flat:
+      flat[name] = np.asarray(value).astype(flat[name].dtype)
+  return traverse_util.unflatten_dict(flat, sep='/')
 
 
 def write_config(config: Any, workdir: str) -> None:
@@ -128,9 +135,10 @@ class Trainer:
     self.mesh = partitioning.make_mesh(config.mesh, devices)
     self.steps = schedule.steps_from_config(t)
     self.lr_fn = schedule.learning_rate_fn(t, self.steps)
-    abstract_vars = jax.eval_shape(
-      functools.partial(api.init_variables, self.model)
-    )
+    # One abstract trace of model.init: the state's structure and which
+    # initialiser draws each variable (host_state).
+    self._traced = initialization.trace(self.model)
+    abstract_vars = self._traced[0]
     # Official var_freeze_expr over official names (train/freeze.py).
     frozen, frozen_stats = freeze.masks(
       abstract_vars, t.freeze, config.model.backbone_name
@@ -146,16 +154,19 @@ class Trainer:
     self.tx = optimizer.make_optimizer(
       t.momentum, t.clip_gradients_norm, frozen if t.freeze else None
     )
-    init = functools.partial(init_state, self.model, config, self.tx)
     rng = jax.random.PRNGKey(t.seed)
-    self.abstract_state = jax.eval_shape(init, rng)
+    self.abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+      _assemble(
+        abstract_vars,
+        jax.eval_shape(self.tx.init, abstract_vars['params']),
+        rng,
+      ),
+    )
     self.state_shardings = partitioning.state_shardings(
       self.mesh, self.abstract_state
     )
-    self._init = jax.jit(init, out_shardings=self.state_shardings)
-    self._init_compiled = None
     self._rng = rng
-    self.init_fn = functools.partial(init, rng)  # unjitted, for init_from
     self._step = make_train_step(
       self.model,
       config,
@@ -168,20 +179,25 @@ class Trainer:
     )
     self._jitted = {}
 
+  def host_state(self, variables: dict | None = None) -> TrainState:
+    """The fresh state as host (NumPy) arrays, no compiled program.
+
+    `variables`: {'params'/'batch_stats' flat '/'-joined name: array}
+    replacing those leaves (and their EMA copies) before the optimizer
+    state is made from the params.
+    """
+    init_rng, state_rng = jax.random.split(self._rng)
+    host = initialization.host_variables(self.model, init_rng, self._traced)
+    if variables:
+      host = _with_values(host, variables)
+    # The optimizer's init as one small program (zeros like the params;
+    # optax run eagerly would compile each leaf shape's op on its own).
+    opt_state = jax.device_get(jax.jit(self.tx.init)(host['params']))
+    return _assemble(host, opt_state, np.asarray(state_rng))
+
   def fresh_state(self) -> TrainState:
-    if self._init_compiled is None:
-      # The state init runs once and is all random-number expansion: on
-      # XLA:CPU, LLVM's optimisation of it costs more than it saves (a D0
-      # init compiles in 12 s instead of 20 s; the values are identical).
-      options = (
-        {'xla_backend_optimization_level': 0}
-        if jax.default_backend() == 'cpu'
-        else None
-      )
-      self._init_compiled = self._init.lower(self._rng).compile(
-        compiler_options=options
-      )
-    return self._init_compiled(self._rng)
+    """The fresh state, each leaf created in its sharding on the mesh."""
+    return initialization.to_device(self.host_state(), self.state_shardings)
 
   def abstract_with_shardings(self) -> Any:
     return jax.tree.map(
