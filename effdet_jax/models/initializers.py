@@ -4,12 +4,12 @@ Every variable of the model is created by one of these. The JAX form is what
 Flax calls inside `model.init`; the NumPy form draws the same distribution on
 the host, so a fresh state needs no compiled program (see
 `effdet_jax/initialization.py`): on a CPU the compiled initialisation of a
-D0 (~700 random leaves, each its own fused kernel) takes longer to compile
+D0 (~700 random leaves, each its own fused loop) takes longer to compile
 than the training step it precedes.
 
 Fans follow `jax.nn.initializers.variance_scaling` with its default axes
 (in = -2, out = -1, receptive field = the leading axes), which is also how
-Keras computes them for the official HWIO kernels.
+Keras computes them for the official HWIO convolution weights.
 """
 
 from __future__ import annotations
