@@ -58,6 +58,9 @@ def get_config(
       freeze='',
       freeze_bn_stats=False,  # True: frozen layers' BN moving stats fixed
       remat=False,  # gradient checkpointing of backbone blocks, BiFPN cells
+      # What a rematerialised block keeps (jax.checkpoint_policies name):
+      # nothing_saveable | dots_saveable (+ conv outputs) | everything_saveable
+      remat_policy='nothing_saveable',
       skip_nonfinite=False,  # skip (and count) non-finite steps, else stop
       # Stop when a step's loss exceeds this multiple of the median of the
       # last `divergence_window` losses (train/divergence.py); 0 = off.

@@ -76,11 +76,17 @@ def _warn_deprecated(cfg: Mapping[str, Any]) -> None:
     )
 
 
-def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
+def build_model(
+  cfg: Mapping[str, Any],
+  remat: bool = False,
+  remat_policy: str = 'nothing_saveable',
+) -> EfficientDet:
   """EfficientDet from a `model` config section (ConfigDict or dict).
 
   `remat` recomputes backbone blocks and BiFPN cells in the backward pass
-  (the run config's `train.remat`); it does not change the function.
+  (the run config's `train.remat`), keeping what `remat_policy` (a
+  `jax.checkpoint_policies` name, `train.remat_policy`) saves; neither
+  changes the function.
   """
   cfg = dict(cfg)
   _warn_deprecated(cfg)
@@ -108,6 +114,7 @@ def build_model(cfg: Mapping[str, Any], remat: bool = False) -> EfficientDet:
     head_survival_prob=cfg.get('survival_prob'),
     dtype=DTYPES[dtype],
     remat=remat,
+    remat_policy=remat_policy,
   )
 
 

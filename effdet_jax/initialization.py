@@ -59,6 +59,10 @@ def trace(model: Any) -> tuple[dict, dict]:
   """(abstract variables, {flat path: the initialiser that made it, or
   None}): one abstract trace of `model.init`, nothing computed."""
   made: dict = {}
+  if getattr(model, 'remat', False):
+    # Lifted transforms (nn.remat) hand back new values, not the recorded
+    # ones; gradient checkpointing does not change the variables.
+    model = model.clone(remat=False)
 
   def traced(key):
     with initializers.recording() as records:

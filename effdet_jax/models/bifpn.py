@@ -283,6 +283,7 @@ class FPNCells(nn.Module):
   conv_bn_act_pattern: bool = False
   dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # layers.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, feats: list[Array], train: bool = False) -> list[Array]:
@@ -296,7 +297,11 @@ class FPNCells(nn.Module):
       (lvl, tuple(ids))
       for lvl, ids in bifpn_nodes(self.min_level, self.max_level)
     )
-    cell_cls = nn.remat(FPNCell, static_argnums=(2,)) if self.remat else FPNCell
+    cell_cls = (
+      layers.rematerialized(FPNCell, self.remat_policy)
+      if self.remat
+      else FPNCell
+    )
     for r in range(self.cell_repeats):
       feats = cell_cls(
         nodes=nodes,

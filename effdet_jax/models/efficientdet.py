@@ -51,6 +51,9 @@ class EfficientDet(nn.Module):
   head_survival_prob: float | None = None
   dtype: Any = jnp.float32
   remat: bool = False  # recompute backbone blocks and BiFPN cells in backprop
+  remat_policy: str = (
+    'nothing_saveable'  # what they keep: layers.REMAT_POLICIES
+  )
 
   def check_input(self, shape: tuple[int, ...]) -> None:
     """Raises ValueError for an image batch the network cannot take."""
@@ -78,6 +81,7 @@ class EfficientDet(nn.Module):
       self.act_type,
       self.dtype,
       self.remat,
+      self.remat_policy,
       name='backbone',
     )(images, train)
     # Endpoints are reduction_1..5; levels min..5 come from the backbone.
@@ -107,6 +111,7 @@ class EfficientDet(nn.Module):
       conv_bn_act_pattern=self.conv_bn_act_pattern,
       dtype=self.dtype,
       remat=self.remat,
+      remat_policy=self.remat_policy,
       name='fpn_cells',
     )(feats, train)
     head = lambda prefix, outputs, bias: heads.HeadNet(

@@ -242,6 +242,7 @@ class EfficientNet(nn.Module):
   act_type: str = 'swish'
   dtype: Any = jnp.float32
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'  # layers.REMAT_POLICIES
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> list[Array]:
@@ -253,9 +254,11 @@ class EfficientNet(nn.Module):
     n = len(spec.blocks)
     drop_rate = 1.0 - spec.survival_prob
     # Gradient checkpointing per block: activations are recomputed in the
-    # backward pass instead of stored (train=arg 2, static).
+    # backward pass instead of stored.
     block_cls = (
-      nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
+      layers.rematerialized(MBConvBlock, self.remat_policy)
+      if self.remat
+      else MBConvBlock
     )
     for idx, args in enumerate(spec.blocks):
       survival = 1.0 - drop_rate * idx / n if spec.survival_prob else 1.0

@@ -88,6 +88,30 @@ def activation(name: str) -> Callable[[Array], Array]:
 
 
 # --------------------------------------------------------------------------
+# Gradient checkpointing.
+
+# `jax.checkpoint_policies` by name: what a rematerialised block keeps from
+# its forward pass. nothing_saveable keeps only the block's inputs (least
+# memory, the whole block recomputed); dots_saveable also keeps convolution
+# and matmul outputs (BN, activations and pooling recomputed).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'everything_saveable')
+
+
+def rematerialized(cls: type, policy: str) -> type:
+  """`cls` recomputed in the backward pass (`nn.remat`; the module's call
+  takes `train` as argument 2, static) under a named policy."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(
+      f'unknown remat policy {policy!r}; valid: {REMAT_POLICIES}'
+    )
+  return nn.remat(
+    cls,
+    static_argnums=(2,),
+    policy=getattr(jax.checkpoint_policies, policy),
+  )
+
+
+# --------------------------------------------------------------------------
 # Initialisers.
 
 # Backbone: plain normal with std sqrt(2 / fan_out), fan_out = kh*kw*out

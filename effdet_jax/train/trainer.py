@@ -130,7 +130,11 @@ class Trainer:
     self.config = config
     self.workdir = workdir
     t = config.train
-    self.model = api.build_model(config.model, remat=bool(t.remat))
+    self.model = api.build_model(
+      config.model,
+      remat=bool(t.remat),
+      remat_policy=t.get('remat_policy', 'nothing_saveable'),
+    )
     self.anchors = anchors_lib.anchors_from_config(config.model)
     self.mesh = partitioning.make_mesh(config.mesh, devices)
     self.steps = schedule.steps_from_config(t)
