@@ -134,3 +134,19 @@ def test_ema_warmup_and_update():
   assert float(optimizer.ema_decay(10**7, 0.9998)) == pytest.approx(0.9998)
   ema = optimizer.ema_update({'a': jnp.array(1.0)}, {'a': jnp.array(3.0)}, 0.25)
   assert float(ema['a']) == pytest.approx(0.25 * 1 + 0.75 * 3)
+
+
+def test_host_schedule_equals_the_compiled_one():
+  """The trainer feeds the step the NumPy form's learning rate."""
+  steps_at = np.array([0, 1, 468, 936, 937, 5000, 140000, 281249])
+  for method in schedule.DECAY_METHODS:
+    cfg = _train_cfg(lr_decay_method=method)
+    steps = schedule.steps_from_config(cfg)
+    host = schedule.learning_rate_fn(cfg, steps, xp=np)
+    jitted = jax.jit(schedule.learning_rate_fn(cfg, steps))
+    for step in steps_at:
+      got = host(int(step))
+      assert got.dtype == np.float32
+      # f32 either way; near the cosine's end 1 + cos(x) cancels, so the
+      # tolerance is relative to the peak rate (0.16).
+      assert got == pytest.approx(float(jitted(step)), rel=1e-6, abs=2e-7)

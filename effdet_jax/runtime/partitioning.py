@@ -62,9 +62,12 @@ def make_mesh(cfg: Any, devices: list | None = None) -> Mesh:
 
 
 def batch_shardings(mesh: Mesh, batch: dict) -> dict:
-  """Per-key shardings: leading axis over 'data'; images' H over 'spatial'."""
+  """Per-key shardings: leading axis over 'data'; images' H over 'spatial';
+  scalars (the step's learning rate) replicated."""
 
   def spec(key, x):
+    if np.ndim(x) == 0:
+      return NamedSharding(mesh, P())
     if key == 'image' and mesh.shape['spatial'] > 1:
       return NamedSharding(mesh, P('data', 'spatial'))
     return NamedSharding(mesh, P('data', *([None] * (np.ndim(x) - 1))))

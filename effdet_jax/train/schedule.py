@@ -58,8 +58,12 @@ def steps_from_config(
   )
 
 
-def learning_rate_fn(train: Any, steps: ScheduleSteps) -> Callable[[Any], Any]:
-  """step -> learning rate (jit-able), TF1 official semantics."""
+def learning_rate_fn(
+  train: Any, steps: ScheduleSteps, xp: Any = jnp
+) -> Callable[[Any], Any]:
+  """step -> learning rate, TF1 official semantics; jit-able with `xp`
+  jax.numpy, a host float32 with `xp` numpy (the trainer feeds the step its
+  learning rate, so one compiled step serves every schedule)."""
   scale = train.batch_size / 64.0
   lr = train.learning_rate * scale
   warm_init = train.lr_warmup_init * scale
@@ -69,24 +73,24 @@ def learning_rate_fn(train: Any, steps: ScheduleSteps) -> Callable[[Any], Any]:
   warmup = max(steps.warmup, 0)
 
   def fn(step):
-    step = jnp.asarray(step, jnp.float32)
+    step = xp.asarray(step, xp.float32)
     if method == 'cosine':
       denom = max(steps.total - warmup, 1)
-      decayed = 0.5 * lr * (1 + jnp.cos(math.pi * step / denom))
+      decayed = 0.5 * lr * (1 + xp.cos(math.pi * step / denom))
     elif method == 'stepwise':
-      decayed = jnp.where(
+      decayed = xp.where(
         step < steps.first_drop,
         lr,
-        jnp.where(step < steps.second_drop, lr * 0.1, lr * 0.01),
+        xp.where(step < steps.second_drop, lr * 0.1, lr * 0.01),
       )
     elif method == 'polynomial':
-      frac = jnp.clip(1.0 - step / max(steps.total, 1), 0.0, 1.0)
+      frac = xp.clip(1.0 - step / max(steps.total, 1), 0.0, 1.0)
       decayed = lr * frac**train.poly_lr_power
     else:
-      decayed = jnp.full_like(step, lr)
+      decayed = xp.full_like(step, lr)
     if warmup == 0:
-      return decayed
+      return xp.asarray(decayed, xp.float32)
     warm = warm_init + step / warmup * (lr - warm_init)
-    return jnp.where(step < warmup, warm, decayed)
+    return xp.asarray(xp.where(step < warmup, warm, decayed), xp.float32)
 
   return fn

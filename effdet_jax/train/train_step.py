@@ -85,7 +85,13 @@ def make_train_step(
         frozen_stats,
       )
     accum, new_opt = tx.update(grads, state.opt_state, state.params)
-    lr = lr_fn(state.step)
+    # The trainer feeds the learning rate (`batch['learning_rate']`, its
+    # host schedule): the compiled step then holds no schedule constant and
+    # serves any num_steps, warmup or learning rate (a resume that changes
+    # them reuses the compilation cache).
+    lr = batch.get('learning_rate')
+    if lr is None:
+      lr = lr_fn(state.step)
     new_params = jax.tree.map(lambda w, a: w - lr * a, state.params, accum)
     step = state.step + 1
     decay = optimizer.ema_decay(step, t.moving_average_decay)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from effdet_jax import api, files, initialization
 from effdet_jax.detection import anchors as anchors_lib
@@ -139,6 +140,7 @@ class Trainer:
     self.mesh = partitioning.make_mesh(config.mesh, devices)
     self.steps = schedule.steps_from_config(t)
     self.lr_fn = schedule.learning_rate_fn(t, self.steps)
+    self._host_lr_fn = schedule.learning_rate_fn(t, self.steps, xp=np)
     # One abstract trace of model.init: the state's structure and which
     # initialiser draws each variable (host_state).
     self._traced = initialization.trace(self.model)
@@ -222,6 +224,13 @@ class Trainer:
         donate_argnums=0,
       )
     return self._jitted[key]
+
+  def learning_rate(self, step: int) -> jax.Array:
+    """The learning rate of `step` (the step's input), replicated."""
+    lr = np.asarray(self._host_lr_fn(step), np.float32)
+    return jax.make_array_from_process_local_data(
+      NamedSharding(self.mesh, PartitionSpec()), lr
+    )
 
   def batch_sharding(self, batch: dict) -> dict:
     return partitioning.batch_shardings(self.mesh, batch)
@@ -489,6 +498,7 @@ def _loop(
           batch, where = feed.next_batch(lambda: alone and preempt.requested)
         except input_feed.InputStopped:
           save_and_exit(step)
+        batch = dict(batch, learning_rate=trainer.learning_rate(step))
         if step_exec is None:
           # Compiled explicitly, so the start-up line can tell the compile
           # from the data wait and the first step (shapes are static: one
