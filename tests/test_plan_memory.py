@@ -7,7 +7,7 @@ import sys
 
 import jax
 import pytest
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 
 from effdet_jax import config_files
 from effdet_jax.tools import plan_memory
@@ -26,7 +26,7 @@ def test_topology_names():
 
 @pytest.mark.slow
 def test_cli_json_and_memory_falls_with_spatial():
-  env = dict(os.environ, XLA_FLAGS='')
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)
   out = subprocess.run(
     [
       sys.executable,

@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 from train_utils import demo_cli, fixed_batch, tiny_config
 
 import effdet_jax
@@ -346,9 +346,7 @@ def test_cli_error_is_one_short_message_with_the_detail_in_the_workdir(
     proc = subprocess.run(
       demo_cli(workdir),
       cwd=REPO,
-      env=dict(
-        os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'
-      ),
+      env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
       capture_output=True,
       text=True,
       timeout=300,

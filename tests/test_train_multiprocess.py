@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 from train_utils import demo_cli
 
 from effdet_jax import config_files
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def _env(devices):
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   env['PYTHONPATH'] = str(REPO / 'tests')
   return env
 

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, xla_flags
 from train_utils import demo_cli
 
 from effdet_jax import config_files
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 def _env():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  env['XLA_FLAGS'] = xla_flags(1)
   return env
 
 
