@@ -48,13 +48,22 @@ import sys
 import time
 import traceback
 
-import jax
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
-
-from effdet_jax import compilation_cache, files, ops
 from effdet_jax.cpu import malloc_tuning
+
+if __name__ == '__main__':
+  # Re-executed here, before the imports below (JAX, Flax, and TensorFlow
+  # through the config file), which the tuned process would pay again.
+  # `_main` repeats the call for what argv alone cannot tell (a flagfile).
+  malloc_tuning.reexec_if_untuned(
+    backend=malloc_tuning.backend_from_argv(sys.argv)
+  )
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from effdet_jax import compilation_cache, files, ops  # noqa: E402
 
 # Loggers that use Python logging by name (orbax, clu and the absl-based
 # libraries log through the 'absl' logger: `_OnlyOurInfo` filters those).

@@ -201,3 +201,31 @@ def test_single_arena_helps_is_deprecated():
   many = malloc_tuning.tuned_env({})['GLIBC_TUNABLES']
   assert malloc_tuning.SINGLE_ARENA in one.split(':')
   assert 'arena_max' not in many
+
+
+@pytest.mark.parametrize(
+  'argv, want',
+  [
+    (['main.py', '--config=c.py'], None),
+    (['main.py', '--backend=xla', '--workdir=w'], 'xla'),
+    (['main.py', '--backend', 'cpu'], 'cpu'),
+    (['main.py', '--flagfile=f.txt'], 'undecided'),
+  ],
+)
+def test_backend_from_argv(argv, want):
+  assert malloc_tuning.backend_from_argv(argv) == want
+
+
+def test_package_import_leaves_jax_for_after_the_reexec():
+  # `python -m effdet_jax.main` imports the package first: were JAX, Flax
+  # or TensorFlow imported there, the re-executed process would pay again.
+  code = (
+    'import sys, effdet_jax, effdet_jax.cpu.malloc_tuning\n'
+    "heavy = [m for m in ('jax', 'flax', 'tensorflow') if m in sys.modules]\n"
+    'print(heavy)\n'
+    'assert effdet_jax.create_model.__module__ == "effdet_jax.api"\n'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, check=True
+  )
+  assert out.stdout.strip() == '[]'

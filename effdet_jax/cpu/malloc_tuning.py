@@ -173,6 +173,21 @@ def cpu_computes(backend: str | None = None) -> bool:
   return not accelerator_plugin_installed()
 
 
+def backend_from_argv(argv: list[str]) -> str | None:
+  """The `--backend` value of a command line (None: not given), for a
+  re-exec decided before flags are parsed. A `--flagfile` could set it:
+  then 'undecided', which `reexec_if_untuned` leaves to a later call."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith('--flagfile'):
+      return 'undecided'
+    if arg.startswith('--backend='):
+      value = arg.split('=', 1)[1]
+    elif arg == '--backend' and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
 def reexec_if_untuned(
   single_arena: bool = False, backend: str | None = None
 ) -> None:
@@ -187,7 +202,7 @@ def reexec_if_untuned(
   """
   if not applies() or is_tuned(single_arena=single_arena):
     return
-  if not cpu_computes(backend):
+  if backend == 'undecided' or not cpu_computes(backend):
     return
   argv = getattr(sys, 'orig_argv', None)
   if not argv:

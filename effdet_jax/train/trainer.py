@@ -86,13 +86,19 @@ class _Preemption:
 def _assemble(variables: dict, opt_state: Any, rng: Any) -> TrainState:
   """A fresh TrainState of these variables, optimizer state and rng."""
   params, batch_stats = variables['params'], variables['batch_stats']
+  # The EMA gets its own arrays: `to_device` may hand an aligned NumPy
+  # buffer to the CPU device without a copy, and params and EMA sharing
+  # one buffer would break the step's donation of both.
+  own = lambda tree: jax.tree.map(  # noqa: E731
+    lambda x: np.array(x) if isinstance(x, np.ndarray) else x, tree
+  )
   return TrainState(
     step=np.int32(0),
     params=params,
     batch_stats=batch_stats,
     opt_state=opt_state,
-    ema_params=params,
-    ema_batch_stats=batch_stats,
+    ema_params=own(params),
+    ema_batch_stats=own(batch_stats),
     rng=rng,
     num_skipped=np.int32(0),
     last_skipped_step=np.int32(-1),
