@@ -94,32 +94,3 @@ def official_counts() -> dict:
 
   path = shared_path('reference', 'official-counts.json')
   return json.loads(path.read_text())
-
-
-# Test seconds per file on the 2-core CI machine (`--durations=0`), the
-# heaviest first. `--dist loadfile` hands files to the two workers in
-# collection order, so starting with the longest files (LPT scheduling)
-# keeps both busy to the end instead of one finishing minutes early.
-_FILE_SECONDS = {
-  'test_train_sharding.py': 296,
-  'test_train_multiprocess.py': 232,
-  'test_train_learning.py': 175,
-  'test_train_resume.py': 159,
-  'test_run_safety.py': 124,
-  'test_native_kernels.py': 114,
-  'test_files_remote.py': 114,
-  'test_oracle_parity.py': 99,
-  'test_performance.py': 93,
-  'test_parity_effdet.py': 90,
-  'test_counts.py': 88,
-  'test_freeze.py': 78,
-  'test_detection_targets.py': 77,
-  'test_train_checkpoint.py': 75,
-  'test_train_official.py': 64,
-  'test_api.py': 61,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  items.sort(key=lambda item: -_FILE_SECONDS.get(item.path.name, 0))
