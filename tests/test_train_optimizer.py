@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from effdet_jax.train import optimizer, schedule
@@ -150,3 +151,136 @@ def test_host_schedule_equals_the_compiled_one():
       # f32 either way; near the cosine's end 1 + cos(x) cancels, so the
       # tolerance is relative to the peak rate (0.16).
       assert got == pytest.approx(float(jitted(step)), rel=1e-6, abs=2e-7)
+
+
+def _toy_state(tx, params, stats):
+  from effdet_jax.train.state import TrainState
+
+  return TrainState(
+    step=jnp.asarray(3, jnp.int32),
+    params=params,
+    batch_stats=stats,
+    opt_state=tx.init(params),
+    ema_params=jax.tree.map(lambda x: x * 0.5, params),
+    ema_batch_stats=jax.tree.map(lambda x: x + 1.0, stats),
+    rng=jax.random.PRNGKey(0),
+    num_skipped=jnp.asarray(0, jnp.int32),
+    last_skipped_step=jnp.asarray(-1, jnp.int32),
+  )
+
+
+@pytest.mark.parametrize('clip', [10.0, 0.0])
+@pytest.mark.parametrize('freeze', [False, True])
+def test_step_update_equals_the_optax_chain(clip, freeze):
+  """`train/update.py` (one sum of squares per leaf, `lax.cond`) computes
+  what `make_optimizer`'s optax chain + `w -= lr * a` + EMA compute, and
+  leaves the optimizer state's structure as `tx.init` made it."""
+  from effdet_jax.train import update
+
+  rng = np.random.default_rng(0)
+  params = {
+    'a': {'kernel': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+    'b': jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    'c': jnp.asarray(rng.normal(size=()), jnp.float32),
+  }
+  stats = {'mean': jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  frozen = {'a': {'kernel': False}, 'b': True, 'c': False} if freeze else None
+  tx = optimizer.make_optimizer(0.9, clip, frozen)
+  state = _toy_state(tx, params, stats)
+  lr, decay = jnp.float32(0.1), 0.99
+  for i in range(3):
+    grads = jax.tree.map(
+      lambda x, i=i: jnp.asarray(rng.normal(size=x.shape) * 20, x.dtype),
+      params,
+    )
+    if freeze:
+      grads['b'] = jnp.zeros_like(grads['b'])  # stop_gradient in the step
+    new_stats = jax.tree.map(lambda x: x * 0.9 + 0.1, state.batch_stats)
+    accum, opt_ref = tx.update(grads, state.opt_state, state.params)
+    w_ref = jax.tree.map(lambda w, a: w - lr * a, state.params, accum)
+    d = optimizer.ema_decay(state.step + 1, decay)
+    ema_ref = optimizer.ema_update(state.ema_params, w_ref, d)
+    bs_ema_ref = optimizer.ema_update(state.ema_batch_stats, new_stats, d)
+    norm_ref = optax.global_norm(grads)
+    state, norm, ok = jax.jit(
+      lambda s, g, b: update.apply_update(
+        s,
+        g,
+        b,
+        jnp.float32(1.0),
+        lr,
+        momentum=0.9,
+        clip_norm=clip,
+        ema_decay=decay,
+        frozen=frozen,
+      )
+    )(state, grads, new_stats)
+    assert bool(ok), i
+    assert float(norm) == pytest.approx(float(norm_ref), rel=1e-6)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(opt_ref)
+    for got, want in [
+      (state.params, w_ref),
+      (state.opt_state, opt_ref),
+      (state.ema_params, ema_ref),
+      (state.ema_batch_stats, bs_ema_ref),
+      (state.batch_stats, new_stats),
+    ]:
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-6, atol=1e-7, err_msg=str(i))
+  if freeze:
+    np.testing.assert_array_equal(state.params['b'], params['b'])
+  assert int(state.step) == 6 and int(state.num_skipped) == 0
+
+
+@pytest.mark.parametrize('bad', ['loss', 'grad', 'stats'])
+def test_step_update_skips_a_nonfinite_step(bad):
+  from effdet_jax.train import update
+
+  params = {'w': jnp.arange(4.0), 'v': jnp.ones((2, 2))}
+  stats = {'var': jnp.ones((3,))}
+  tx = optimizer.make_optimizer(0.9, 10.0)
+  state = _toy_state(tx, params, stats)
+  grads = jax.tree.map(jnp.ones_like, params)
+  new_stats = {'var': jnp.full((3,), 2.0)}
+  loss = jnp.float32(1.0)
+  if bad == 'loss':
+    loss = jnp.float32(np.nan)
+  elif bad == 'grad':
+    grads['v'] = grads['v'].at[1, 0].set(np.inf)
+  else:  # an overflowing batch variance, with a finite loss
+    new_stats = {'var': jnp.array([1.0, np.inf, 1.0])}
+  out, _, ok = update.apply_update(
+    state,
+    grads,
+    new_stats,
+    loss,
+    jnp.float32(0.1),
+    momentum=0.9,
+    clip_norm=10.0,
+    ema_decay=0.99,
+  )
+  assert not bool(ok)
+  assert int(out.step) == 4 and int(out.num_skipped) == 1
+  assert int(out.last_skipped_step) == 3
+  for a, b in zip(
+    jax.tree.leaves(
+      (
+        state.params,
+        state.opt_state,
+        state.ema_params,
+        state.batch_stats,
+        state.ema_batch_stats,
+      )
+    ),
+    jax.tree.leaves(
+      (
+        out.params,
+        out.opt_state,
+        out.ema_params,
+        out.batch_stats,
+        out.ema_batch_stats,
+      )
+    ),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)

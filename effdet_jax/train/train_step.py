@@ -2,10 +2,10 @@
 
 One pure function of (state, batch); shardings are applied by the caller's
 `jax.jit`. BN statistics are means over the (global) batch axis. A step
-whose loss, gradient or updated state is not finite leaves the state
-unchanged except for `num_skipped`/`last_skipped_step` (the trainer then
-stops with an error, or counts it with `train.skip_nonfinite`), so a
-non-finite value can never reach a checkpoint.
+whose loss, gradients or new BN statistics are not finite leaves the state
+unchanged except for `step`, `num_skipped` and `last_skipped_step` (the
+trainer then stops with an error, or counts it with
+`train.skip_nonfinite`); the update itself is `train/update.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from effdet_jax.detection import losses, targets
-from effdet_jax.train import optimizer
+from effdet_jax.train import optimizer, update
 from effdet_jax.train.state import TrainState
 
 
@@ -25,7 +24,6 @@ def make_train_step(
   model: Any,
   config: Any,
   anchors: Any,
-  tx: optax.GradientTransformation,
   lr_fn: Callable[[Any], Any],
   wd_mask: Any,
   frozen: Any = None,
@@ -35,7 +33,7 @@ def make_train_step(
 
   `frozen` (bool tree like params, `train.freeze`): those parameters get
   `stop_gradient`, so no backward pass runs through a frozen trunk (their
-  update is zero anyway, see `optimizer.make_optimizer`). `frozen_stats`
+  update is zero anyway: `train/update.py` skips them). `frozen_stats`
   (bool tree like batch_stats, `train.freeze_bn_stats`): those moving
   statistics keep their values.
   """
@@ -76,7 +74,6 @@ def make_train_step(
     (loss, (parts, new_bs)), grads = grad_fn(
       state.params, state.batch_stats, batch, rng
     )
-    grad_norm = optax.global_norm(grads)
     if frozen_stats is not None:
       new_bs = jax.tree.map(
         lambda old, new, f: old if f else new,
@@ -84,7 +81,6 @@ def make_train_step(
         new_bs,
         frozen_stats,
       )
-    accum, new_opt = tx.update(grads, state.opt_state, state.params)
     # The trainer feeds the learning rate (`batch['learning_rate']`, its
     # host schedule): the compiled step then holds no schedule constant and
     # serves any num_steps, warmup or learning rate (a resume that changes
@@ -92,32 +88,16 @@ def make_train_step(
     lr = batch.get('learning_rate')
     if lr is None:
       lr = lr_fn(state.step)
-    new_params = jax.tree.map(lambda w, a: w - lr * a, state.params, accum)
-    step = state.step + 1
-    decay = optimizer.ema_decay(step, t.moving_average_decay)
-    new_state = state.replace(
-      step=step,
-      params=new_params,
-      batch_stats=new_bs,
-      opt_state=new_opt,
-      ema_params=optimizer.ema_update(state.ema_params, new_params, decay),
-      ema_batch_stats=optimizer.ema_update(
-        state.ema_batch_stats, new_bs, decay
-      ),
-    )
-    # The updated state too: an exploding run can overflow the weights or
-    # BN statistics while the loss (on batch statistics) is still finite.
-    # (One global norm: a finiteness reduction per leaf compiles for
-    # minutes on XLA:CPU; an overflowing norm means a diverged state too.)
-    state_ok = jnp.isfinite(optax.global_norm((new_params, new_bs)))
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & state_ok
-    skipped = state.replace(
-      step=step,
-      num_skipped=state.num_skipped + 1,
-      last_skipped_step=state.step,
-    )
-    new_state = jax.tree.map(
-      lambda a, b: jnp.where(ok, a, b), new_state, skipped
+    new_state, grad_norm, ok = update.apply_update(
+      state,
+      grads,
+      new_bs,
+      loss,
+      jnp.asarray(lr, jnp.float32),
+      momentum=t.momentum,
+      clip_norm=t.clip_gradients_norm,
+      ema_decay=t.moving_average_decay,
+      frozen=frozen,
     )
     metrics = dict(
       parts,

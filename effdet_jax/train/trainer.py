@@ -183,7 +183,6 @@ class Trainer:
       self.model,
       config,
       self.anchors,
-      self.tx,
       self.lr_fn,
       wd_mask,
       frozen=frozen if t.freeze else None,
