@@ -4,8 +4,8 @@
 use. The facts relied on: depthwise conv with TF SAME padding (pad before
 = total // 2), and Keras BN in training mode (batch statistics with the
 fast variance E[x^2] - E[x]^2, then the activation), with their gradients;
-the summed sigmoid focal loss of one level (fact sheet §6.2) and its
-gradient.
+the summed sigmoid focal loss of one level (official `efficientdet/
+det_model_fn.py: focal_loss`) and its gradient.
 
 Cost: nearly all of this file's time is XLA compiles (tens of ms for
 the smallest program, ~0.5 s for one `jax.random` draw). So the inputs

@@ -1,6 +1,6 @@
 """COCO evaluation of model variables on the configured eval split.
 
-`Evaluator(config).run(variables, step)` is built once (STYLE 12): the
+`Evaluator(config).run(variables, step)` is built once: the
 model, anchors, the jitted forward + post-processing, the eval dataset and
 the ground truth are made in the constructor and reused by every call, so a
 periodic evaluation compiles once. The trainer gets

@@ -13,8 +13,9 @@ fatal here), then prints:
 * per class, the boxes with NO anchor of IoU >= train.matched_threshold,
   and the boxes with NO positive anchor at all after the official matcher
   (detection/targets.py `match`). The matcher force-matches each box's best
-  anchor whatever its IoU (fact sheet §5.2), so a box below the threshold
-  still trains from one anchor -- a weak, single-anchor target, the usual
+  anchor whatever its IoU (official `efficientdet/object_detection/
+  argmax_matcher.py: ArgMaxMatcher`, force_match_for_each_row), so a box
+  below the threshold still trains from one anchor -- a weak, single-anchor target, the usual
   cause of missed small objects -- and is lost completely only when another
   box (lower index wins) takes that same anchor. Fix small objects with a
   larger image size or a smaller model.anchor_scale, odd shapes with
