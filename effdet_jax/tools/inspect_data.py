@@ -15,11 +15,11 @@ fatal here), then prints:
   (detection/targets.py `match`). The matcher force-matches each box's best
   anchor whatever its IoU (official `efficientdet/object_detection/
   argmax_matcher.py: ArgMaxMatcher`, force_match_for_each_row), so a box
-  below the threshold still trains from one anchor -- a weak, single-anchor target, the usual
-  cause of missed small objects -- and is lost completely only when another
-  box (lower index wins) takes that same anchor. Fix small objects with a
-  larger image size or a smaller model.anchor_scale, odd shapes with
-  model.aspect_ratios.
+  below the threshold still trains from one anchor -- a weak, single-anchor
+  target, the usual cause of missed small objects -- and is lost completely
+  only when another box (lower index wins) takes that same anchor. Fix
+  small objects with a larger image size or a smaller model.anchor_scale,
+  odd shapes with model.aspect_ratios.
 Reads coco_json (the json, no image is decoded) and tfrecord sources (one
 pass over the records, crowd boxes excluded like training does).
 """
