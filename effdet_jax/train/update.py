@@ -43,9 +43,8 @@ PyTree = Any
 
 
 def _sumsq(x: jax.Array) -> jax.Array:
-  # A dot, not `sum(square(x))`: XLA:CPU runs a dot as a library call,
-  # where a large reduction becomes up to three generated loops (the square,
-  # a tree of partial sums for accuracy, the final sum) to compile per leaf.
+  # Written as a dot; XLA's simplifier lowers it to the same reduction as
+  # `sum(square(x))` (one per leaf either way).
   flat = x.astype(jnp.float32).reshape(-1)
   return jnp.dot(flat, flat, precision=jax.lax.Precision.HIGHEST)
 
