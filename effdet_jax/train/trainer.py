@@ -36,6 +36,7 @@ from effdet_jax.train import (
   input_feed,
   optimizer,
   schedule,
+  step_compile,
 )
 from effdet_jax.train.state import TrainState
 from effdet_jax.train.train_step import make_train_step
@@ -411,6 +412,12 @@ def train_and_evaluate(
     # Before any compile: data that cannot fit the config stops the run here.
     dataset_checks.prepare_training(config, workdir)
     trainer = Trainer(config, workdir)
+    # Compiles (or loads) the step while the state is restored and the
+    # input starts; caller batches may differ from the config's: at once.
+    if batches is None:
+      compiler = step_compile.StepCompiler.ahead(trainer, config)
+    else:
+      compiler = step_compile.StepCompiler(trainer, config, None)
     timer.mark('setup')
     ckpt = checkpoint.Checkpointer(
       workdir,
@@ -441,13 +448,23 @@ def train_and_evaluate(
         batches,
         lock,
         timer,
+        compiler,
       )
     finally:
       ckpt.close()
 
 
 def _loop(
-  config, workdir, trainer, ckpt, state, evaluate_fn, batches, lock, timer
+  config,
+  workdir,
+  trainer,
+  ckpt,
+  state,
+  evaluate_fn,
+  batches,
+  lock,
+  timer,
+  compiler,
 ):
   """The steps, evaluations and saves of `train_and_evaluate`."""
   t = config.train
@@ -507,9 +524,11 @@ def _loop(
         if step_exec is None:
           # Compiled explicitly, so the start-up line can tell the compile
           # from the data wait and the first step (shapes are static: one
-          # program serves every batch).
+          # program serves every batch). 'compile' is what is left of it
+          # after the restore and the first batch.
           timer.mark('data')
-          step_exec = trainer.step_fn(batch).lower(state, batch).compile()
+          step_exec = compiler.get(batch)
+          logging.info('training step: %s', compiler.how)
           partitioning.wait_for_all_processes('effdet_jax step compiled')
           timer.mark('compile')
         state, step_metrics = step_exec(state, batch)

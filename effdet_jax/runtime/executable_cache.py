@@ -1,0 +1,171 @@
+"""Compiled programs stored under a key known before tracing.
+
+JAX's persistent compilation cache is keyed by the lowered program, so a
+warm start still traces and lowers the training step (seconds for D0, more
+for the large models) before it can look the executable up. This cache is
+keyed by what determines that program instead: the run config, the
+abstract inputs with their shardings, the devices, the JAX/jaxlib
+versions, the XLA flags, the effdet_jax backend and the bytes of the
+effdet_jax sources. A hit deserialises the executable
+(`jax.experimental.serialize_executable`) without tracing; anything that
+fails (a miss, a file from another version, a corrupt file) compiles as
+usual and, if it can, stores the result.
+
+Files live in `<compilation_cache.dir>/effdet_jax_executables/`, beside
+JAX's own cache, and only the newest `KEEP` are kept. It is used by
+single-process runs only: an executable of a multi-process computation is
+not serialised.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import pickle
+from typing import Any
+
+import jax
+import jaxlib
+import numpy as np
+
+from effdet_jax import files, ops
+
+SUBDIR = 'effdet_jax_executables'
+KEEP = 8
+# jax.config values that change what a function traces to.
+_JAX_OPTIONS = (
+  'jax_enable_x64',
+  'jax_default_matmul_precision',
+  'jax_numpy_rank_promotion',
+  'jax_default_prng_impl',
+  'jax_threefry_partitionable',
+  'jax_numpy_dtype_promotion',
+)
+
+
+@functools.cache
+def sources_digest() -> str:
+  """sha256 over the package's sources (.py, .cc, .h), names included."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  h = hashlib.sha256()
+  for p in sorted(root.rglob('*')):
+    if p.suffix in ('.py', '.cc', '.h') and p.is_file():
+      h.update(str(p.relative_to(root)).encode())
+      h.update(p.read_bytes())
+  return h.hexdigest()
+
+
+def _describe(tree: Any) -> str:
+  """Structure, shapes, dtypes and shardings of abstract or concrete args."""
+
+  def leaf(x):
+    sharding = getattr(x, 'sharding', None)
+    devices = ()
+    if sharding is not None:  # repr(mesh) does not name the devices
+      mesh = getattr(sharding, 'mesh', None)
+      devices = (
+        tuple(np.ravel(mesh.device_ids).tolist())
+        if mesh is not None
+        else tuple(sorted(d.id for d in sharding.device_set))
+      )
+    return (tuple(x.shape), str(x.dtype), repr(sharding), devices)
+
+  leaves, treedef = jax.tree.flatten(tree)
+  return repr((str(treedef), [leaf(x) for x in leaves]))
+
+
+def key(name: str, config_json: str, args: Any) -> str:
+  """The cache key of program `name` for a config and its inputs."""
+  devices = jax.devices()
+  parts = [
+    name,
+    config_json,
+    _describe(args),
+    jax.__version__,
+    jaxlib.__version__,
+    repr([(d.platform, d.device_kind, d.id) for d in devices]),
+    str(jax.process_count()),
+    os.environ.get('XLA_FLAGS', ''),
+    os.environ.get('LIBTPU_INIT_ARGS', ''),
+    ops.backend(),
+    repr([(o, jax.config.values.get(o)) for o in _JAX_OPTIONS]),
+    sources_digest(),
+  ]
+  h = hashlib.sha256()
+  for part in parts:
+    h.update(part.encode())
+    h.update(b'\0')
+  return h.hexdigest()[:32]
+
+
+def enabled() -> bool:
+  """On when JAX's persistent cache is on and this is one process."""
+  return bool(jax.config.values.get('jax_compilation_cache_dir')) and (
+    jax.process_count() == 1
+  )
+
+
+def _folder() -> str:
+  return files.join(jax.config.values['jax_compilation_cache_dir'], SUBDIR)
+
+
+def _evict(folder: str) -> None:
+  try:
+    names = [n for n in files.listdir(folder) if n.endswith('.bin')]
+    if len(names) <= KEEP:
+      return
+    paths = [files.join(folder, n) for n in names]
+    stamps = {p: files.path(p).stat().mtime for p in paths}
+    for p in sorted(paths, key=stamps.get)[: len(paths) - KEEP]:
+      files.remove(p)
+  except Exception as err:  # noqa: BLE001 - eviction is best effort
+    logging.warning('executable cache: eviction failed: %s', err)
+
+
+def load_or_compile(
+  jitted: Any, args: tuple, *, name: str, config_json: str
+) -> tuple[Any, str]:
+  """`jitted.lower(*args).compile()`, from the cache when it holds it.
+
+  Returns (compiled, how): how is 'loaded', 'compiled' or 'compiled
+  (not cached: <reason>)'.
+  """
+  if not enabled():
+    return jitted.lower(*args).compile(), 'compiled'
+  from jax.experimental import serialize_executable  # noqa: PLC0415
+
+  folder = _folder()
+  path = files.join(folder, f'{name}-{key(name, config_json, args)}.bin')
+  if files.exists(path):
+    try:
+      stored, device_ids = pickle.loads(files.read_bytes(path))
+      by_id = {d.id: d for d in jax.devices()}
+      # The devices in the program's own order: by default the loader
+      # assigns every device of the backend.
+      compiled = serialize_executable.deserialize_and_load(
+        *stored, execution_devices=[by_id[i] for i in device_ids]
+      )
+      files.path(path).touch()  # newest use: kept longest
+      return compiled, 'loaded'
+    except Exception as err:  # noqa: BLE001 - any failure: compile
+      logging.warning(
+        'executable cache: %s unreadable (%s: %s), compiling',
+        path,
+        type(err).__name__,
+        err,
+      )
+  compiled = jitted.lower(*args).compile()
+  try:
+    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+    payload = pickle.dumps(
+      (serialize_executable.serialize(compiled), device_ids)
+    )
+    files.makedirs(folder)
+    files.write_bytes(path, payload)
+    _evict(folder)
+  except Exception as err:  # noqa: BLE001 - the run goes on uncached
+    return compiled, f'compiled (not cached: {type(err).__name__}: {err})'
+  return compiled, 'compiled'

@@ -1,0 +1,145 @@
+"""The training step compiled ahead, while the run restores its state and
+starts its input.
+
+The step's program depends only on the abstract state and the batch's
+shapes, dtypes and shardings, all known from the config before a checkpoint
+is read or a record decoded. `StepCompiler` traces, lowers and compiles it
+(or loads it, `runtime/executable_cache.py`) in a background thread; XLA
+releases the GIL while it compiles, so the restore, the TensorFlow import
+and the first batch proceed meanwhile. `get(batch)` hands the executable
+over when the real batch matches what was compiled for, and otherwise
+compiles for the real batch (logged), so a config the prediction misses
+costs time, never correctness.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from effdet_jax.runtime import executable_cache
+
+_STEP_SECTIONS = ('model', 'train', 'mesh')
+_SCHEDULE_FIELDS = (
+  'learning_rate',
+  'lr_decay_method',
+  'lr_warmup_epoch',
+  'lr_warmup_init',
+  'lr_warmup_steps',
+  'first_lr_drop_epoch',
+  'second_lr_drop_epoch',
+  'poly_lr_power',
+  'num_epochs',
+  'num_examples_per_epoch',
+  'num_steps',
+  'log_every_steps',
+  'profile_steps',
+  'divergence_factor',
+  'divergence_window',
+)
+
+
+def batch_spec(config: Any, batch_shardings) -> dict[str, Any]:
+  """The global training batch the input pipeline yields for `config`
+  (`data/pipeline.py: train_dataset`, the keys the trainer keeps), as
+  ShapeDtypeStructs with their shardings; `batch_shardings(batch)` gives
+  the shardings (`Trainer.batch_sharding`)."""
+  b = int(config.train.batch_size)
+  h, w = (int(x) for x in config.model.image_size)
+  m = int(config.data.max_instances_per_image)
+  shapes = {
+    'image': ((b, h, w, 3), np.float32),
+    'boxes': ((b, m, 4), np.float32),
+    'classes': ((b, m), np.int32),
+  }
+  spec = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
+  shardings = batch_shardings(spec)
+  spec = {
+    k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+    for k, v in spec.items()
+  }
+  return spec
+
+
+def _avals(batch: dict) -> dict:
+  return {
+    k: (tuple(np.shape(v)), np.dtype(v.dtype), getattr(v, 'sharding', None))
+    for k, v in batch.items()
+  }
+
+
+class StepCompiler:
+  """The trainer's step, compiled in a background thread from `predicted`
+  (a batch spec, learning rate included) or, with None, at `get`."""
+
+  def __init__(self, trainer: Any, config: Any, predicted: dict | None):
+    self._trainer = trainer
+    # The sections the step is built from (train/trainer.py: Trainer,
+    # train/train_step.py: make_train_step); data, eval and checkpointing
+    # reach it only through the batch's shapes, which are in the key.
+    # The schedule's fields are left out: the trainer passes the learning
+    # rate as an input (train/train_step.py), so a run that changes only
+    # its schedule reuses the program.
+    sections = {
+      k: json.loads(config[k].to_json_best_effort()) for k in _STEP_SECTIONS
+    }
+    for name in _SCHEDULE_FIELDS:
+      sections['train'].pop(name, None)
+    self._config_json = json.dumps(sections, sort_keys=True)
+    self._predicted = predicted
+    self._future = None
+    self.how = ''
+    if predicted is not None:
+      self._future = concurrent.futures.Future()
+      # A daemon thread: a run that stops before its first step (a bad
+      # checkpoint, a signal) exits without waiting for the compile.
+      threading.Thread(
+        target=self._run, name='effdet-step-compile', daemon=True
+      ).start()
+
+  def _run(self) -> None:
+    try:
+      self._future.set_result(self._compile(self._predicted))
+    except BaseException as err:  # noqa: BLE001 - re-raised by get()
+      self._future.set_exception(err)
+
+  @classmethod
+  def ahead(cls, trainer: Any, config: Any) -> StepCompiler:
+    """Starts compiling for the batch `config` implies."""
+    spec = batch_spec(config, trainer.batch_sharding)
+    lr = trainer.learning_rate(0)
+    spec['learning_rate'] = jax.ShapeDtypeStruct(
+      lr.shape, lr.dtype, sharding=NamedSharding(trainer.mesh, PartitionSpec())
+    )
+    return cls(trainer, config, spec)
+
+  def _compile(self, batch: dict) -> Any:
+    state = self._trainer.abstract_with_shardings()
+    compiled, self.how = executable_cache.load_or_compile(
+      self._trainer.step_fn(batch),
+      (state, batch),
+      name='train_step',
+      config_json=self._config_json,
+    )
+    return compiled
+
+  def get(self, batch: dict) -> Any:
+    """The compiled step for `batch` (waits for the background compile)."""
+    if self._future is not None:
+      compiled = self._future.result()
+      if _avals(batch) == _avals(self._predicted):
+        return compiled
+      logging.warning(
+        'the first batch differs from the one the step was compiled for '
+        '(%s, expected %s): compiling again',
+        json.dumps({k: str(v[:2]) for k, v in _avals(batch).items()}),
+        json.dumps({k: str(v[:2]) for k, v in _avals(self._predicted).items()}),
+      )
+    return self._compile(batch)
