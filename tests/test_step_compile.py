@@ -2,10 +2,9 @@
 cache keyed before tracing (`train/step_compile.py`,
 `runtime/executable_cache.py`)."""
 
-import logging
 import os
-import re
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,68 +46,87 @@ def test_batch_spec_is_what_the_pipeline_yields(source):
     assert want.sharding is not None
 
 
-@pytest.fixture
-def cache_dir(tmp_path):
-  """JAX's compilation cache folder set to tmp_path for the test (the
-  suite's shared folder restored after)."""
-  before = jax.config.values.get('jax_compilation_cache_dir')
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
-  yield tmp_path
-  jax.config.update('jax_compilation_cache_dir', before)
+_CACHE_SCRIPT = r"""
+import logging, pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+from effdet_jax.runtime import executable_cache as ec
+
+tmp = pathlib.Path(sys.argv[1])
+jax.config.update('jax_compilation_cache_dir', str(tmp))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+folder = tmp / ec.SUBDIR
 
 
-def _fn():
-  return jax.jit(lambda x, y: (jnp.sin(x) @ y, x.sum()))
+def f(x, w):
+  for i in range(4):
+    x = jnp.tanh(x @ w) * (x.sum(0) + i)
+  return x.sum(), (x * x).sum(1)
 
 
-def test_executable_cache_round_trip(cache_dir, caplog):
-  args = (jnp.ones((8, 8)), jnp.arange(64.0).reshape(8, 8))
-  first, how = executable_cache.load_or_compile(
-    _fn(), args, name='f', config_json='{"a": 1}'
-  )
-  assert how == 'compiled'
-  folder = cache_dir / executable_cache.SUBDIR
-  [stored] = list(folder.iterdir())
-  second, how = executable_cache.load_or_compile(
-    _fn(), args, name='f', config_json='{"a": 1}'
-  )
-  assert how == 'loaded'
-  for a, b in zip(first(*args), second(*args), strict=True):
-    np.testing.assert_array_equal(a, b)
-  # Another config, other shapes: other keys, compiled.
-  _, how = executable_cache.load_or_compile(
-    _fn(), args, name='f', config_json='{"a": 2}'
-  )
-  assert how == 'compiled'
-  other = (jnp.ones((4, 8)), jnp.ones((8, 8)))
-  _, how = executable_cache.load_or_compile(
-    _fn(), other, name='f', config_json='{"a": 1}'
-  )
-  assert how == 'compiled'
-  assert len(list(folder.iterdir())) == 3
-  # A corrupt file: a warning, compiled again, the file replaced.
-  stored.write_bytes(b'not an executable')
-  with caplog.at_level(logging.WARNING):
-    third, how = executable_cache.load_or_compile(
-      _fn(), args, name='f', config_json='{"a": 1}'
+def run(args, config='{"a": 1}'):
+  return ec.load_or_compile(jax.jit(f), args, name='f', config_json=config)
+
+
+args = (jnp.ones((16, 16)), jnp.full((16, 16), 0.01))
+if sys.argv[2] == 'fill':  # JAX's cache now holds the program
+  jax.jit(f)(*args)
+  sys.exit(0)
+# Served by JAX's cache (written by the first process): XLA:CPU would
+# serialise it without its kernels.
+_, how = run(args)
+assert how == 'compiled (not stored: loaded from the JAX cache)', how
+assert not folder.exists()
+# JAX keeps that executable in memory: not stored either.
+_, how = run(args)
+assert how == 'compiled (not stored: loaded from memory)', how
+# A program XLA compiles here is stored.
+args = (jnp.ones((12, 16)), args[1])
+fresh, how = run(args)
+want = fresh(*args)
+[stored] = list(folder.iterdir())
+loaded, how = run(args)
+assert how == 'loaded', how
+for a, b in zip(loaded(*args), want, strict=True):
+  np.testing.assert_array_equal(a, b)
+# Another config, other shapes: other keys.
+assert ec.key('f', '{"a": 2}', args) != ec.key('f', '{"a": 1}', args)
+assert run(args, config='{"a": 2}')[1] != 'loaded'
+assert run((jnp.ones((8, 16)), args[1]))[1] == 'compiled'
+assert len(list(folder.iterdir())) == 2
+# A corrupt file: a warning, removed, compiled again.
+stored.write_bytes(b'not an executable')
+assert run(args)[1].startswith('compiled')
+assert not stored.exists()
+# Only the newest KEEP are kept.
+ec.KEEP = 1
+newest = (jnp.ones((4, 16)), args[1])
+assert run(newest)[1] == 'compiled'
+[kept] = list(folder.glob('*.bin'))
+assert ec.key('f', '{"a": 1}', newest) in kept.name
+print('OK')
+"""
+
+
+def test_executable_cache_round_trip(tmp_path):
+  """Stored after a fresh compile, loaded with the same results, keyed by
+  config and shapes, never stored from JAX's cache, corrupt files compiled
+  again, the newest kept. In its own process: JAX's cache folder is set
+  once per process."""
+  env = {
+    k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'
+  }
+  for mode in ('fill', 'check'):
+    out = subprocess.run(
+      [sys.executable, '-c', _CACHE_SCRIPT, str(tmp_path), mode],
+      cwd=REPO,
+      env=dict(env, XLA_FLAGS=xla_flags(1)),
+      capture_output=True,
+      text=True,
+      check=False,
     )
-  assert how == 'compiled'
-  assert 'unreadable' in caplog.text
-  np.testing.assert_array_equal(third(*args)[0], first(*args)[0])
-  _, how = executable_cache.load_or_compile(
-    _fn(), args, name='f', config_json='{"a": 1}'
-  )
-  assert how == 'loaded'
-
-
-def test_executable_cache_keeps_the_newest(cache_dir, monkeypatch):
-  monkeypatch.setattr(executable_cache, 'KEEP', 2)
-  for n in (2, 3, 4):
-    executable_cache.load_or_compile(
-      _fn(), (jnp.ones((n, n)), jnp.ones((n, n))), name='f', config_json=''
-    )
-  kept = list((cache_dir / executable_cache.SUBDIR).glob('*.bin'))
-  assert len(kept) == 2
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
+  assert 'unreadable' in out.stderr  # the corrupt file's warning
 
 
 def test_executable_cache_is_off_without_the_compilation_cache():
@@ -116,8 +134,9 @@ def test_executable_cache_is_off_without_the_compilation_cache():
   jax.config.update('jax_compilation_cache_dir', None)
   try:
     assert not executable_cache.enabled()
+    fn = jax.jit(lambda x: x * 2)
     _, how = executable_cache.load_or_compile(
-      _fn(), (jnp.ones((2, 2)), jnp.ones((2, 2))), name='f', config_json=''
+      fn, (jnp.ones((2, 2)),), name='f', config_json=''
     )
     assert how == 'compiled'
   finally:
@@ -131,12 +150,15 @@ def test_a_second_run_loads_the_step_and_trains_the_same(tmp_path):
   in a field the step does not read loads it without tracing, and trains
   bit for bit the same."""
 
-  # The suite's compilation cache (conftest): the first run compiles or
-  # loads what an earlier test stored; the second must load.
+  # A cache of its own: the suite's may hold the step in JAX's cache
+  # already, and such a step is not stored (runtime/executable_cache.py).
+  cache = tmp_path / 'cache'
+
   def run(name, *extra):
     out = subprocess.run(
       demo_cli(
         tmp_path / name,
+        f'--config.compilation_cache.dir={cache}',
         '--config.train.num_steps=3',
         '--config.eval.every_steps=0',
         *extra,
@@ -154,7 +176,7 @@ def test_a_second_run_loads_the_step_and_trains_the_same(tmp_path):
     return text
 
   first = run('a')
-  assert re.search(r'training step: (compiled|loaded)', first)
+  assert 'training step: compiled\n' in first
   second = run('b', '--config.train.log_every_steps=2')
   assert 'training step: loaded' in second
   from effdet_jax import load

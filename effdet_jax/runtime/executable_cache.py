@@ -9,7 +9,11 @@ versions, the XLA flags, the effdet_jax backend and the bytes of the
 effdet_jax sources. A hit deserialises the executable
 (`jax.experimental.serialize_executable`) without tracing; anything that
 fails (a miss, a file from another version, a corrupt file) compiles as
-usual and, if it can, stores the result.
+usual and stores the result when XLA compiled it in this call. An
+executable that JAX served from its own cache or from memory is not
+stored: XLA:CPU serialises a deserialised executable without its kernels
+(running it fails with "Function ... not found"). Such a program is
+stored the next time XLA compiles it (e.g. with a new JAX cache folder).
 
 Files live in `<compilation_cache.dir>/effdet_jax_executables/`, beside
 JAX's own cache, and only the newest `KEEP` are kept. It is used by
@@ -19,12 +23,14 @@ not serialised.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pathlib
 import pickle
+import threading
 from typing import Any
 
 import jax
@@ -101,6 +107,30 @@ def key(name: str, config_json: str, args: Any) -> str:
   return h.hexdigest()[:32]
 
 
+_local = threading.local()
+_HIT = '/jax/compilation_cache/cache_hits'
+_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+# Both are recorded in the compiling thread (jax/_src/interpreters/pxla.py:
+# _cached_compilation around jax/_src/compiler.py: compile_or_get_cached,
+# which records the hit where it reads JAX's cache). Neither is recorded
+# when JAX hands back an executable it holds in memory.
+def _count_hit(event: str, **_: Any) -> None:
+  if event == _HIT:
+    _local.hits = getattr(_local, 'hits', 0) + 1
+
+
+def _count_compile(event: str, duration: float, **_: Any) -> None:
+  del duration
+  if event == _COMPILE:
+    _local.compiles = getattr(_local, 'compiles', 0) + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
 def enabled() -> bool:
   """On when JAX's persistent cache is on and this is one process."""
   return bool(jax.config.values.get('jax_compilation_cache_dir')) and (
@@ -112,13 +142,20 @@ def _folder() -> str:
   return files.join(jax.config.values['jax_compilation_cache_dir'], SUBDIR)
 
 
+def _mtime(p: str) -> float:
+  # A local file's in nanoseconds; epath's stat gives whole seconds.
+  if files.is_remote(p):
+    return float(files.path(p).stat().mtime)
+  return os.stat(p).st_mtime_ns / 1e9
+
+
 def _evict(folder: str) -> None:
   try:
     names = [n for n in files.listdir(folder) if n.endswith('.bin')]
     if len(names) <= KEEP:
       return
     paths = [files.join(folder, n) for n in names]
-    stamps = {p: files.path(p).stat().mtime for p in paths}
+    stamps = {p: _mtime(p) for p in paths}
     for p in sorted(paths, key=stamps.get)[: len(paths) - KEEP]:
       files.remove(p)
   except Exception as err:  # noqa: BLE001 - eviction is best effort
@@ -131,7 +168,7 @@ def load_or_compile(
   """`jitted.lower(*args).compile()`, from the cache when it holds it.
 
   Returns (compiled, how): how is 'loaded', 'compiled' or 'compiled
-  (not cached: <reason>)'.
+  (not stored: <reason>)'.
   """
   if not enabled():
     return jitted.lower(*args).compile(), 'compiled'
@@ -157,7 +194,16 @@ def load_or_compile(
         type(err).__name__,
         err,
       )
+      with contextlib.suppress(OSError):
+        files.remove(path)
+  _local.hits = _local.compiles = 0
   compiled = jitted.lower(*args).compile()
+  if _local.hits or not _local.compiles:
+    # XLA:CPU serialises an executable it deserialised (JAX's cache) without
+    # its kernels ("Function ... not found" when run), and one JAX holds in
+    # memory may be such a one: only what XLA compiled here is stored.
+    where = 'the JAX cache' if _local.hits else 'memory'
+    return compiled, f'compiled (not stored: loaded from {where})'
   try:
     device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
     payload = pickle.dumps(
@@ -167,5 +213,5 @@ def load_or_compile(
     files.write_bytes(path, payload)
     _evict(folder)
   except Exception as err:  # noqa: BLE001 - the run goes on uncached
-    return compiled, f'compiled (not cached: {type(err).__name__}: {err})'
+    return compiled, f'compiled (not stored: {type(err).__name__}: {err})'
   return compiled, 'compiled'
