@@ -185,3 +185,33 @@ def test_a_second_run_loads_the_step_and_trains_the_same(tmp_path):
   b = jax.device_get(load(str(tmp_path / 'b'))[1])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_step_compiler_hands_over_a_working_step(tmp_path):
+  """Compiled in the background thread, the step runs on the real batch;
+  compiled when the first batch is in (no compile ahead) for a batch of
+  other shapes than predicted, it runs on that one."""
+  from train_utils import fixed_batch, tiny_config
+
+  from effdet_jax.train.trainer import Trainer
+
+  config = tiny_config(batch_size=2)
+  config.mesh.data = 1
+  config.data.max_instances_per_image = 10  # fixed_batch's boxes
+  tr = Trainer(config, str(tmp_path), jax.devices()[:1])
+  host = fixed_batch(config)
+  sh = tr.batch_sharding(host)
+
+  def run(compiler, host_batch):
+    batch = {k: jax.device_put(v, sh[k]) for k, v in host_batch.items()}
+    batch['learning_rate'] = tr.learning_rate(0)
+    step = compiler.get(batch)
+    assert compiler.how.startswith(('compiled', 'loaded')), compiler.how
+    state, metrics = step(tr.fresh_state(), batch)
+    assert np.isfinite(float(metrics['loss']))
+    assert int(state.step) == 1
+
+  run(step_compile.StepCompiler.ahead(tr, config, compile_ahead=True), host)
+  small = {k: v[:1] for k, v in host.items()}
+  run(step_compile.StepCompiler.ahead(tr, config, compile_ahead=False), small)

@@ -162,6 +162,73 @@ def _evict(folder: str) -> None:
     logging.warning('executable cache: eviction failed: %s', err)
 
 
+def _path(name: str, config_json: str, args: Any) -> str:
+  return files.join(_folder(), f'{name}-{key(name, config_json, args)}.bin')
+
+
+def load(name: str, config_json: str, args: tuple) -> Any | None:
+  """The stored executable of program `name` for these inputs, or None
+  (not stored, cache off, or unreadable: then removed, with a warning)."""
+  if not enabled():
+    return None
+  from jax.experimental import serialize_executable  # noqa: PLC0415
+
+  path = _path(name, config_json, args)
+  if not files.exists(path):
+    return None
+  try:
+    stored, device_ids = pickle.loads(files.read_bytes(path))
+    by_id = {d.id: d for d in jax.devices()}
+    # The devices in the program's own order: by default the loader
+    # assigns every device of the backend.
+    compiled = serialize_executable.deserialize_and_load(
+      *stored, execution_devices=[by_id[i] for i in device_ids]
+    )
+    files.path(path).touch()  # newest use: kept longest
+    return compiled
+  except Exception as err:  # noqa: BLE001 - any failure: compile
+    logging.warning(
+      'executable cache: %s unreadable (%s: %s), compiling',
+      path,
+      type(err).__name__,
+      err,
+    )
+    with contextlib.suppress(OSError):
+      files.remove(path)
+    return None
+
+
+def compile_and_store(
+  jitted: Any, args: tuple, *, name: str, config_json: str
+) -> tuple[Any, str]:
+  """`jitted.lower(*args).compile()`, stored when the cache is on and XLA
+  compiled it here. Returns (compiled, how): how is 'compiled' or
+  'compiled (not stored: <reason>)'."""
+  _local.hits = _local.compiles = 0
+  compiled = jitted.lower(*args).compile()
+  if not enabled():
+    return compiled, 'compiled'
+  if _local.hits or not _local.compiles:
+    # XLA:CPU serialises an executable it deserialised (JAX's cache) without
+    # its kernels ("Function ... not found" when run), and one JAX holds in
+    # memory may be such a one: only what XLA compiled here is stored.
+    where = 'the JAX cache' if _local.hits else 'memory'
+    return compiled, f'compiled (not stored: loaded from {where})'
+  from jax.experimental import serialize_executable  # noqa: PLC0415
+
+  try:
+    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+    payload = pickle.dumps(
+      (serialize_executable.serialize(compiled), device_ids)
+    )
+    files.makedirs(_folder())
+    files.write_bytes(_path(name, config_json, args), payload)
+    _evict(_folder())
+  except Exception as err:  # noqa: BLE001 - the run goes on uncached
+    return compiled, f'compiled (not stored: {type(err).__name__}: {err})'
+  return compiled, 'compiled'
+
+
 def load_or_compile(
   jitted: Any, args: tuple, *, name: str, config_json: str
 ) -> tuple[Any, str]:
@@ -170,48 +237,7 @@ def load_or_compile(
   Returns (compiled, how): how is 'loaded', 'compiled' or 'compiled
   (not stored: <reason>)'.
   """
-  if not enabled():
-    return jitted.lower(*args).compile(), 'compiled'
-  from jax.experimental import serialize_executable  # noqa: PLC0415
-
-  folder = _folder()
-  path = files.join(folder, f'{name}-{key(name, config_json, args)}.bin')
-  if files.exists(path):
-    try:
-      stored, device_ids = pickle.loads(files.read_bytes(path))
-      by_id = {d.id: d for d in jax.devices()}
-      # The devices in the program's own order: by default the loader
-      # assigns every device of the backend.
-      compiled = serialize_executable.deserialize_and_load(
-        *stored, execution_devices=[by_id[i] for i in device_ids]
-      )
-      files.path(path).touch()  # newest use: kept longest
-      return compiled, 'loaded'
-    except Exception as err:  # noqa: BLE001 - any failure: compile
-      logging.warning(
-        'executable cache: %s unreadable (%s: %s), compiling',
-        path,
-        type(err).__name__,
-        err,
-      )
-      with contextlib.suppress(OSError):
-        files.remove(path)
-  _local.hits = _local.compiles = 0
-  compiled = jitted.lower(*args).compile()
-  if _local.hits or not _local.compiles:
-    # XLA:CPU serialises an executable it deserialised (JAX's cache) without
-    # its kernels ("Function ... not found" when run), and one JAX holds in
-    # memory may be such a one: only what XLA compiled here is stored.
-    where = 'the JAX cache' if _local.hits else 'memory'
-    return compiled, f'compiled (not stored: loaded from {where})'
-  try:
-    device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
-    payload = pickle.dumps(
-      (serialize_executable.serialize(compiled), device_ids)
-    )
-    files.makedirs(folder)
-    files.write_bytes(path, payload)
-    _evict(folder)
-  except Exception as err:  # noqa: BLE001 - the run goes on uncached
-    return compiled, f'compiled (not stored: {type(err).__name__}: {err})'
-  return compiled, 'compiled'
+  compiled = load(name, config_json, args)
+  if compiled is not None:
+    return compiled, 'loaded'
+  return compile_and_store(jitted, args, name=name, config_json=config_json)

@@ -1,15 +1,16 @@
-"""The training step compiled ahead, while the run restores its state and
-starts its input.
+"""The training step loaded or compiled ahead, while the run restores its
+state and starts its input.
 
 The step's program depends only on the abstract state and the batch's
 shapes, dtypes and shardings, all known from the config before a checkpoint
-is read or a record decoded. `StepCompiler` traces, lowers and compiles it
-(or loads it, `runtime/executable_cache.py`) in a background thread; XLA
-releases the GIL while it compiles, so the restore, the TensorFlow import
-and the first batch proceed meanwhile. `get(batch)` hands the executable
-over when the real batch matches what was compiled for, and otherwise
-compiles for the real batch (logged), so a config the prediction misses
-costs time, never correctness.
+is read or a record decoded. `StepCompiler` loads it from the executable
+cache (`runtime/executable_cache.py`) in a background thread and, on a
+machine with cores to spare (`compiles_ahead`), traces, lowers and compiles
+it there on a miss; XLA releases the GIL while it compiles, so the
+restore and the first batch proceed meanwhile. `get(batch)` hands the
+executable over when the real batch matches what it was made for, and
+otherwise compiles for the real batch (logged), so a config the prediction
+misses costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 from typing import Any
 
@@ -26,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from effdet_jax.runtime import executable_cache
 
+AHEAD_MIN_CORES = 4
 _STEP_SECTIONS = ('model', 'train', 'mesh')
 _SCHEDULE_FIELDS = (
   'learning_rate',
@@ -75,11 +78,34 @@ def _avals(batch: dict) -> dict:
   }
 
 
-class StepCompiler:
-  """The trainer's step, compiled in a background thread from `predicted`
-  (a batch spec, learning rate included) or, with None, at `get`."""
+def compiles_ahead() -> bool:
+  """Whether the step may compile beside the restore and the input.
 
-  def __init__(self, trainer: Any, config: Any, predicted: dict | None):
+  XLA:CPU's compile already keeps about 1.5 cores busy, so on fewer than
+  `AHEAD_MIN_CORES` cores running it beside the input pipeline and the
+  host-side init only slows each down (2-core CPU, D0: 4-7 s longer to
+  the first step, cold); there the step compiles when the first batch is
+  in, and only a load from the executable cache runs ahead.
+  """
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  return cores >= AHEAD_MIN_CORES
+
+
+class StepCompiler:
+  """The trainer's step for `predicted` (a batch spec, learning rate
+  included), loaded or compiled in a background thread; with None, or
+  for a batch that differs from it, compiled at `get`."""
+
+  def __init__(
+    self,
+    trainer: Any,
+    config: Any,
+    predicted: dict | None,
+    compile_ahead: bool | None = None,
+  ):
     self._trainer = trainer
     # The sections the step is built from (train/trainer.py: Trainer,
     # train/train_step.py: make_train_step); data, eval and checkpointing
@@ -94,6 +120,9 @@ class StepCompiler:
       sections['train'].pop(name, None)
     self._config_json = json.dumps(sections, sort_keys=True)
     self._predicted = predicted
+    self._compile_ahead = (
+      compiles_ahead() if compile_ahead is None else compile_ahead
+    )
     self._future = None
     self.how = ''
     if predicted is not None:
@@ -106,40 +135,58 @@ class StepCompiler:
 
   def _run(self) -> None:
     try:
-      self._future.set_result(self._compile(self._predicted))
+      self._future.set_result(self._ahead())
     except BaseException as err:  # noqa: BLE001 - re-raised by get()
       self._future.set_exception(err)
 
   @classmethod
-  def ahead(cls, trainer: Any, config: Any) -> StepCompiler:
-    """Starts compiling for the batch `config` implies."""
+  def ahead(cls, trainer: Any, config: Any, **kw: Any) -> StepCompiler:
+    """Starts loading (or compiling) for the batch `config` implies."""
     spec = batch_spec(config, trainer.batch_sharding)
     lr = trainer.learning_rate(0)
     spec['learning_rate'] = jax.ShapeDtypeStruct(
       lr.shape, lr.dtype, sharding=NamedSharding(trainer.mesh, PartitionSpec())
     )
-    return cls(trainer, config, spec)
+    return cls(trainer, config, spec, **kw)
+
+  def _args(self, batch: dict) -> tuple:
+    return (self._trainer.abstract_with_shardings(), batch)
+
+  def _ahead(self) -> Any | None:
+    args = self._args(self._predicted)
+    compiled = executable_cache.load('train_step', self._config_json, args)
+    if compiled is not None:
+      self.how = 'loaded'
+      return compiled
+    if not self._compile_ahead:
+      return None  # get() compiles
+    return self._compile(self._predicted)
 
   def _compile(self, batch: dict) -> Any:
-    state = self._trainer.abstract_with_shardings()
-    compiled, self.how = executable_cache.load_or_compile(
+    compiled, self.how = executable_cache.compile_and_store(
       self._trainer.step_fn(batch),
-      (state, batch),
+      self._args(batch),
       name='train_step',
       config_json=self._config_json,
     )
     return compiled
 
   def get(self, batch: dict) -> Any:
-    """The compiled step for `batch` (waits for the background compile)."""
+    """The compiled step for `batch` (waits for the background work)."""
     if self._future is not None:
       compiled = self._future.result()
       if _avals(batch) == _avals(self._predicted):
-        return compiled
+        return compiled if compiled is not None else self._compile(batch)
       logging.warning(
         'the first batch differs from the one the step was compiled for '
         '(%s, expected %s): compiling again',
         json.dumps({k: str(v[:2]) for k, v in _avals(batch).items()}),
         json.dumps({k: str(v[:2]) for k, v in _avals(self._predicted).items()}),
       )
+    compiled = executable_cache.load(
+      'train_step', self._config_json, self._args(batch)
+    )
+    if compiled is not None:
+      self.how = 'loaded'
+      return compiled
     return self._compile(batch)
