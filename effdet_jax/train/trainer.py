@@ -412,8 +412,9 @@ def train_and_evaluate(
     # Before any compile: data that cannot fit the config stops the run here.
     dataset_checks.prepare_training(config, workdir)
     trainer = Trainer(config, workdir)
-    # Compiles (or loads) the step while the state is restored and the
-    # input starts; caller batches may differ from the config's: at once.
+    # Loads the step (and, with cores to spare, compiles it) while the
+    # state is restored and the input starts (train/step_compile.py);
+    # caller batches may differ from the config's: at the first batch.
     if batches is None:
       compiler = step_compile.StepCompiler.ahead(trainer, config)
     else:
