@@ -183,10 +183,10 @@ class StepCompiler:
         json.dumps({k: str(v[:2]) for k, v in _avals(batch).items()}),
         json.dumps({k: str(v[:2]) for k, v in _avals(self._predicted).items()}),
       )
-    compiled = executable_cache.load(
-      'train_step', self._config_json, self._args(batch)
+    compiled, self.how = executable_cache.load_or_compile(
+      self._trainer.step_fn(batch),
+      self._args(batch),
+      name='train_step',
+      config_json=self._config_json,
     )
-    if compiled is not None:
-      self.how = 'loaded'
-      return compiled
-    return self._compile(batch)
+    return compiled
