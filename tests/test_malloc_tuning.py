@@ -163,12 +163,6 @@ print(sorted(per_call)[3])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-  reason='jax 0.10.2 here: ~120 minor faults per call inline as with async '
-  'dispatch (the 128 MiB temporary is re-faulted as huge pages either way); '
-  'the inline path no longer keeps it on the main heap',
-  strict=False,
-)
 def test_inline_dispatch_keeps_the_step_buffer_on_the_main_heap(tmp_path):
   """With asynchronous dispatch a pool thread allocates XLA's temporary
   buffer, from a thread arena that must `mmap` it afresh on every call

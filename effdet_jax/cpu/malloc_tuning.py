@@ -4,11 +4,20 @@ XLA:CPU allocates every large activation buffer with `malloc` on each
 step. glibc serves buffers above 32 MiB with a fresh `mmap` and returns
 them with `munmap`, so every step the kernel maps and zeroes gigabytes of
 4 KiB pages: on the D0 training step (batch 8, 512 px, 2-core CPU) half
-of the wall time was system time. Three glibc tunables remove it: large
-buffers come from the heap (`mmap_max=0`), freed memory stays with the
-process (`trim_threshold`), the heap uses transparent huge pages
-(`hugetlb=1`, glibc >= 2.35; older versions ignore the key).
-Measured (`tools/benchmark.py`, D0 512 f32): train step b8 4.55 s -> 2.98 s.
+of the wall time was system time. Two glibc tunables remove it: large
+buffers come from the heap (`mmap_max=0`) and freed memory stays with the
+process (`trim_threshold`). Measured (`tools/benchmark.py`, D0 512 f32):
+train step b8 4.55 s -> 2.98 s.
+
+The heap keeps the kernel's default small pages: no `hugetlb=1`. With
+transparent huge pages the first D0 step (b8, 512 px, its 3.0 GiB of
+temporaries faulted in for the first time) took 5.4-5.7 s against
+2.6-2.7 s with small pages, on a 2-core VM whose huge-page faults are slow
+(direct compaction and first touch of host memory); later steps were
+3-6 % faster (median 1.33-1.38 s against 1.42-1.44 s). The CPU runs
+tests, demos and short fine-tunes, where the time to the first step
+counts more; `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` turns them on for a
+long CPU run (a user's key is kept).
 
 XLA allocates a step's temporary buffer (3.7 GiB for that step) on the
 thread that runs the computation. With JAX's default asynchronous CPU
@@ -49,7 +58,6 @@ import sys
 import warnings
 
 TUNABLES = (
-  'glibc.malloc.hugetlb=1',
   'glibc.malloc.mmap_max=0',
   'glibc.malloc.trim_threshold=1099511627776',
 )
