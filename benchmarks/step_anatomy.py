@@ -5,11 +5,13 @@ update (optimizer, EMA, clipping, non-finite guard).
       [--backend=auto]
 
 Lowers and compiles, in one process and without a persistent cache, (a)
-the loss and its gradients alone and (b) the trainer's whole step, and
+the loss and its gradients alone, (b) the whole step on a `TrainState`
+(each parameter, accumulator, EMA and BN statistic its own buffer, so the
+update's share grows with the number of variables, not the image size) and
+(c) the whole step as the training loop runs it, on the packed state
+(`effdet_jax/train/packed.py`: momentum and EMAs in flat buffers), and
 prints for each the trace + lowering time, the XLA compile time and the
-number of fusions in the compiled program. The update works leaf by leaf
-(each parameter, accumulator, EMA and BN statistic is its own buffer), so
-its share grows with the number of variables, not with the image size.
+number of fusions in the compiled program.
 """
 
 from __future__ import annotations
@@ -91,7 +93,11 @@ def main():
   )
   rows = [
     ('loss + gradients', _measure(grads, state, batch)),
-    ('whole step', _measure(tr.step_fn(batch), state, batch)),
+    ('whole step, TrainState', _measure(tr.step_fn(batch), state, batch)),
+    (
+      "whole step, packed (the loop's)",
+      _measure(tr.loop_step_fn(batch), tr.to_loop(state), batch),
+    ),
   ]
   leaves = len(jax.tree.leaves(state.params))
   stats = len(jax.tree.leaves(state.batch_stats))

@@ -208,6 +208,6 @@ def test_step_compiler_hands_over_a_working_step(tmp_path):
   batch['learning_rate'] = tr.learning_rate(0)
   step = compiler.get(batch)
   assert compiler.how.startswith(('compiled', 'loaded')), compiler.how
-  state, metrics = step(tr.fresh_state(), batch)
+  state, metrics = step(tr.to_loop(tr.fresh_state()), batch)
   assert np.isfinite(float(metrics['loss']))
   assert int(state.step) == 1

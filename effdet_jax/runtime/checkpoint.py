@@ -103,15 +103,18 @@ class Checkpointer:
   def save(
     self,
     step: int,
-    state: Any,
+    state: Any | Callable[[], Any],
     metrics: dict[str, float] | None = None,
     force: bool = False,
     data: Callable[[], dict | None] | None = None,
   ) -> bool:
     """Saves at `step` if the interval (or `force`) says so; `data()`
-    (called on every process, only when saving) gives the `data` item."""
+    (called on every process, only when saving) gives the `data` item.
+    `state` may be a function returning it, called only when saving."""
     if not force and not self.manager.should_save(step):
       return False
+    if callable(state):
+      state = state()
     if not _all_finite(state):
       raise FloatingPointError(
         f'refusing to checkpoint step {step}: the state is not finite'

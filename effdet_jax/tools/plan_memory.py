@@ -4,8 +4,8 @@
       --mesh=data:4,spatial:4 --per_device_batch=1 [--remat=true] \
       [--target=auto|tpu|cpu] [--tpu=v3|v4|v5e|v5p] [--format=text|json]
 
-Compiles the real training step (`Trainer.step_fn`: forward, targets, loss,
-gradients, optimizer, EMA; donated state) ahead of time on abstract
+Compiles the real training step (`Trainer.loop_step_fn`: forward, targets,
+loss, gradients, optimizer, EMA; donated state) ahead of time on abstract
 `ShapeDtypeStruct`s with the run's shardings (no array is allocated) and
 reads XLA's memory analysis of one device.
 
@@ -207,8 +207,8 @@ def plan(
       for k, v in batch.items()
     }
     start = time.time()
-    lowered = trainer.step_fn(batch).lower(
-      trainer.abstract_with_shardings(), batch
+    lowered = trainer.loop_step_fn(batch).lower(
+      trainer.loop_abstract_with_shardings(), batch
     )
     compiled = lowered.compile()
   compile_s = time.time() - start

@@ -150,7 +150,7 @@ class StepCompiler:
     return cls(trainer, config, spec, **kw)
 
   def _args(self, batch: dict) -> tuple:
-    return (self._trainer.abstract_with_shardings(), batch)
+    return (self._trainer.loop_abstract_with_shardings(), batch)
 
   def _ahead(self) -> Any | None:
     args = self._args(self._predicted)
@@ -164,7 +164,7 @@ class StepCompiler:
 
   def _compile(self, batch: dict) -> Any:
     compiled, self.how = executable_cache.compile_and_store(
-      self._trainer.step_fn(batch),
+      self._trainer.loop_step_fn(batch),
       self._args(batch),
       name='train_step',
       config_json=self._config_json,
@@ -184,7 +184,7 @@ class StepCompiler:
         json.dumps({k: str(v[:2]) for k, v in _avals(self._predicted).items()}),
       )
     compiled, self.how = executable_cache.load_or_compile(
-      self._trainer.step_fn(batch),
+      self._trainer.loop_step_fn(batch),
       self._args(batch),
       name='train_step',
       config_json=self._config_json,

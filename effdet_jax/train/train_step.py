@@ -28,8 +28,13 @@ def make_train_step(
   wd_mask: Any,
   frozen: Any = None,
   frozen_stats: Any = None,
+  layout: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  With `layout` (`train/packed.py: Layout`) the step takes and returns a
+  `PackedState` (the trainer's form: a much shorter compile), else a
+  `TrainState`; both compute the same numbers.
 
   `frozen` (bool tree like params, `train.freeze`): those parameters get
   `stop_gradient`, so no backward pass runs through a frozen trunk (their
@@ -71,8 +76,13 @@ def make_train_step(
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # The packed state holds the parameters as one vector: the model reads
+    # its slices, and the gradients are taken with respect to them.
+    params = (
+      state.params if layout is None else layout.params_tree(state.params)
+    )
     (loss, (parts, new_bs)), grads = grad_fn(
-      state.params, state.batch_stats, batch, rng
+      params, state.batch_stats, batch, rng
     )
     if frozen_stats is not None:
       new_bs = jax.tree.map(
@@ -88,17 +98,20 @@ def make_train_step(
     lr = batch.get('learning_rate')
     if lr is None:
       lr = lr_fn(state.step)
-    new_state, grad_norm, ok = update.apply_update(
-      state,
-      grads,
-      new_bs,
-      loss,
-      jnp.asarray(lr, jnp.float32),
+    hyper = dict(
       momentum=t.momentum,
       clip_norm=t.clip_gradients_norm,
       ema_decay=t.moving_average_decay,
-      frozen=frozen,
     )
+    lr = jnp.asarray(lr, jnp.float32)
+    if layout is not None:
+      new_state, grad_norm, ok = update.apply_packed_update(
+        state, layout, grads, new_bs, loss, lr, **hyper
+      )
+    else:
+      new_state, grad_norm, ok = update.apply_update(
+        state, grads, new_bs, loss, lr, frozen=frozen, **hyper
+      )
     metrics = dict(
       parts,
       loss=loss,

@@ -35,6 +35,7 @@ from effdet_jax.train import (
   init_from,
   input_feed,
   optimizer,
+  packed,
   schedule,
   step_compile,
 )
@@ -180,15 +181,33 @@ class Trainer:
       self.mesh, self.abstract_state
     )
     self._rng = rng
-    self._step = make_train_step(
-      self.model,
-      config,
-      self.anchors,
-      self.lr_fn,
-      wd_mask,
+    step_kw = dict(
       frozen=frozen if t.freeze else None,
       frozen_stats=frozen_stats if t.freeze and freeze_stats else None,
     )
+    self._step = make_train_step(
+      self.model, config, self.anchors, self.lr_fn, wd_mask, **step_kw
+    )
+    # The loop's form of the state: momentum and EMAs in flat buffers
+    # (train/packed.py), for a step that compiles in a fraction of the
+    # time. None where the state cannot be packed: the loop then runs the
+    # TrainState step.
+    try:
+      self.layout = packed.Layout(self.abstract_state)
+    except ValueError as err:
+      logging.info('training state not packed: %s', err)
+      self.layout = None
+    if self.layout is not None:
+      self._loop_step = make_train_step(
+        self.model,
+        config,
+        self.anchors,
+        self.lr_fn,
+        wd_mask,
+        layout=self.layout,
+        **step_kw,
+      )
+      self._loop_shardings = self.layout.shardings(self.state_shardings)
     self._jitted = {}
 
   def host_state(self, variables: dict | None = None) -> TrainState:
@@ -219,17 +238,49 @@ class Trainer:
     )
 
   def step_fn(self, batch: dict) -> Callable:
-    """The jitted step for this batch structure (explicit shardings)."""
-    key = tuple(sorted((k, np.shape(v)) for k, v in batch.items()))
+    """The jitted `TrainState` step for this batch structure (explicit
+    shardings); the same numbers as `loop_step_fn`'s."""
+    return self._jit(self._step, self.state_shardings, batch)
+
+  def loop_step_fn(self, batch: dict) -> Callable:
+    """The jitted step the training loop runs, on `to_loop`'s state."""
+    if self.layout is None:
+      return self.step_fn(batch)
+    return self._jit(self._loop_step, self._loop_shardings, batch)
+
+  def _jit(self, step: Callable, state_shardings: Any, batch: dict):
+    key = (id(step), *sorted((k, np.shape(v)) for k, v in batch.items()))
     if key not in self._jitted:
       shardings = partitioning.batch_shardings(self.mesh, batch)
       self._jitted[key] = jax.jit(
-        self._step,
-        in_shardings=(self.state_shardings, shardings),
-        out_shardings=(self.state_shardings, None),
+        step,
+        in_shardings=(state_shardings, shardings),
+        out_shardings=(state_shardings, None),
         donate_argnums=0,
       )
     return self._jitted[key]
+
+  def loop_abstract_with_shardings(self) -> Any:
+    """`abstract_with_shardings` in the loop's form."""
+    if self.layout is None:
+      return self.abstract_with_shardings()
+    return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      self.layout.abstract(self.abstract_state),
+      self._loop_shardings,
+    )
+
+  def to_loop(self, state: TrainState) -> Any:
+    """`state` in the loop's form (host work, no compiled program)."""
+    if self.layout is None:
+      return state
+    return self.layout.pack(state, self._loop_shardings)
+
+  def from_loop(self, state: Any) -> TrainState:
+    """The `TrainState` of a loop state (host work, no compiled program)."""
+    if self.layout is None:
+      return state
+    return self.layout.unpack(state, self.state_shardings)
 
   def learning_rate(self, step: int) -> jax.Array:
     """The learning rate of `step` (the step's input), replicated."""
@@ -289,6 +340,16 @@ def _train_batches(
     raise
   raise ValueError(
     f'the training input ended without a batch (skips: {stats.summary()})'
+  )
+
+
+def _input_feed(
+  config: Any, trainer: Trainer, ckpt: Any, step: int
+) -> input_feed.InputFeed:
+  """The configured input from `step`'s saved position, pulled by a
+  thread that starts now (`train/input_feed.py`)."""
+  return input_feed.InputFeed(
+    _train_batches(config, trainer, step, _input_start(config, ckpt, step))
   )
 
 
@@ -489,12 +550,9 @@ def _loop(
       )
     )
   if batches is not None:  # the caller's batches: no input position
-    source = ((b, None) for b in batches(start))
+    feed = input_feed.InputFeed((b, None) for b in batches(start))
   else:
-    source = _train_batches(
-      config, trainer, start, _input_start(config, ckpt, start)
-    )
-  feed = input_feed.InputFeed(source)
+    feed = _input_feed(config, trainer, ckpt, start)
   where = None  # the input position after the last batch taken
   data = lambda: _positions_payload(config, where)  # noqa: E731
   eval_every = int(config.eval.every_steps)
@@ -502,11 +560,15 @@ def _loop(
   alone = jax.process_count() == 1
   step_exec = None
   logging.info('training steps %d..%d of %d', start + 1, total, total)
+  # The loop carries the trainer's packed form (train/packed.py); saves,
+  # evaluations and the caller get the TrainState, made only when needed.
+  state = trainer.to_loop(state)
+  tree = lambda: trainer.from_loop(state)  # noqa: E731
 
   def save_and_exit(done, eval_metrics=None):
     run.check(state)
     if ckpt.latest_step() != done:
-      ckpt.save(done, state, metrics=eval_metrics, force=True, data=data)
+      ckpt.save(done, tree, metrics=eval_metrics, force=True, data=data)
     logging.warning('preempted: saved step %d, exiting', done)
     raise SystemExit(0)
 
@@ -550,12 +612,12 @@ def _loop(
           lock.refresh()
         eval_metrics = None
         if evaluate_fn and eval_every > 0 and done % eval_every == 0:
-          eval_metrics = evaluate_fn(state, done)
+          eval_metrics = evaluate_fn(tree(), done)
           writer.write_scalars(
             done, {f'eval/{k}': v for k, v in eval_metrics.items()}
           )
           run.tick = time.time()  # the ETA's rate counts steps only
-        ckpt.save(done, state, metrics=eval_metrics, data=data)
+        ckpt.save(done, tree, metrics=eval_metrics, data=data)
         # Several processes agree on preemption at log steps only (it is a
         # collective); a single process checks after every step.
         if (alone or log_now) and preempt.synced():
@@ -563,16 +625,16 @@ def _loop(
     run.check(state)
     final_metrics = None
     if evaluate_fn and (eval_every <= 0 or total % eval_every != 0):
-      final_metrics = evaluate_fn(state, total)
+      final_metrics = evaluate_fn(tree(), total)
       writer.write_scalars(
         total, {f'eval/{k}': v for k, v in final_metrics.items()}
       )
     if ckpt.latest_step() != total:
-      ckpt.save(total, state, metrics=final_metrics, force=True, data=data)
+      ckpt.save(total, tree, metrics=final_metrics, force=True, data=data)
   finally:
     feed.close()
     writer.flush()
-  return state
+  return tree()
 
 
 def progress_line(

@@ -166,3 +166,79 @@ def apply_update(
     ok, applied, skipped, (state, grad_leaves, factors, lr, new_batch_stats)
   )
   return new_state, jnp.sqrt(total), ok
+
+
+def apply_packed_update(
+  state: Any,
+  layout: Any,
+  grads: PyTree,
+  new_batch_stats: PyTree,
+  loss: jax.Array,
+  lr: jax.Array,
+  *,
+  momentum: float,
+  clip_norm: float,
+  ema_decay: float,
+) -> tuple[Any, jax.Array, jax.Array]:
+  """`apply_update` on a `train/packed.py: PackedState`: the same
+  formulas, element for element, on whole vectors.
+
+  The gradients are written into one padded vector; its per-leaf sums of
+  squares are a reduction over `[blocks, BLOCK]` and a segment sum over
+  the blocks (a different summation order from `apply_update`'s: results
+  agree to float32 rounding). A frozen parameter's gradient is zero
+  (`stop_gradient` in the step), so its momentum stays zero and its value
+  unchanged, as `apply_update` leaves it.
+  """
+  n_leaves = len(layout.param_shapes)
+  g = None
+  if layout.params_size:
+    g = layout.params_vector(grads).reshape(-1, layout.block)
+    sumsq = jax.ops.segment_sum(
+      jnp.sum(g * g, axis=1),
+      jnp.asarray(layout.block_leaf),
+      num_segments=n_leaves,
+      indices_are_sorted=True,
+    )
+  else:
+    sumsq = jnp.zeros((1,))
+  total = jnp.sum(sumsq)
+  factors = clip_factors(sumsq, clip_norm)
+  stats = [
+    x.astype(jnp.float32).reshape(-1) for x in jax.tree.leaves(new_batch_stats)
+  ]
+  stats = jnp.concatenate(stats) if stats else jnp.zeros((0,))
+  stats_total = jnp.dot(stats, jnp.ones_like(stats))
+  ok = jnp.isfinite(loss) & jnp.isfinite(total) & jnp.isfinite(stats_total)
+  step = state.step + 1
+
+  def applied(operands):
+    st, g, factors, lr, new_bs, stats = operands
+    if g is None:
+      return st.replace(step=step, batch_stats=new_bs)
+    clipped = (g * factors[jnp.asarray(layout.block_leaf)][:, None]).reshape(-1)
+    trace = momentum * st.trace + clipped
+    params = st.params - lr * trace
+    decay = optimizer.ema_decay(step, ema_decay)
+    ema = lambda e, v: e - (1.0 - decay) * (e - v)  # noqa: E731 - ema_update
+    return st.replace(
+      step=step,
+      params=params,
+      batch_stats=new_bs,
+      trace=trace,
+      ema_params=ema(st.ema_params, params),
+      ema_batch_stats=ema(st.ema_batch_stats, stats),
+    )
+
+  def skipped(operands):
+    st = operands[0]
+    return st.replace(
+      step=step,
+      num_skipped=st.num_skipped + 1,
+      last_skipped_step=st.step,
+    )
+
+  new_state = jax.lax.cond(
+    ok, applied, skipped, (state, g, factors, lr, new_batch_stats, stats)
+  )
+  return new_state, jnp.sqrt(total), ok
