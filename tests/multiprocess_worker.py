@@ -50,12 +50,15 @@ def main():
       for k, v in batch.items()
     }
     if step is None:  # every process compiled before the first collective
-      step = tr.step_fn(g).lower(state, g).compile()
+      # The step the trainer runs, on its packed state.
+      state = tr.to_loop(state)
+      step = tr.loop_step_fn(g).lower(state, g).compile()
       partitioning.wait_for_all_processes('worker step compiled')
     state, _ = step(state, g)
   # Every process waits for its steps (they hold collectives): one that
   # exited after dispatching them would leave the others' steps hanging.
   jax.block_until_ready(state)
+  state = tr.from_loop(state)
   if pi == 0:
     out = {}
     trees = {

@@ -57,7 +57,9 @@ def test_nonfinite_step_is_skipped_or_stops_the_run(tmp_path):
   # With skip_nonfinite the update is not applied and is counted.
   state = tr.fresh_state()
   before = jax.device_get(state.params)
-  state, metrics = tr.step_fn(bad)(state, bad)
+  # The step the trainer runs (packed state).
+  state, metrics = tr.loop_step_fn(bad)(tr.to_loop(state), bad)
+  state = tr.from_loop(state)
   assert int(metrics['nonfinite']) == 1 and int(state.num_skipped) == 1
   assert int(state.step) == 1 and int(state.last_skipped_step) == 0
   for a, b in zip(

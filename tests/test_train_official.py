@@ -70,7 +70,8 @@ def _check_train_step(oracle_dir, tmp_path):
   boxes[1, :1] = [[30, 30, 220, 200]]
   classes[1, :1] = [62]
   batch = {'image': image, 'boxes': boxes, 'classes': classes}
-  _, metrics = tr.step_fn(batch)(state, batch)
+  # The step the trainer runs (packed state).
+  _, metrics = tr.loop_step_fn(batch)(tr.to_loop(state), batch)
   metrics = jax.device_get(metrics)
 
   # Reference: train-mode forward (batch statistics), our matcher (checked

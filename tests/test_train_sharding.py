@@ -16,8 +16,9 @@ def _one_step(config, devices, tmp_path):
   before = jax.device_get(state.params)
   sh = tr.batch_sharding(batch)
   gbatch = {k: jax.device_put(v, sh[k]) for k, v in batch.items()}
-  new, metrics = tr.step_fn(gbatch)(state, gbatch)
-  new = jax.device_get(new)
+  # The step the trainer runs (packed state).
+  new, metrics = tr.loop_step_fn(gbatch)(tr.to_loop(state), gbatch)
+  new = jax.device_get(tr.from_loop(new))
   update = jax.tree.map(lambda a, b: a - b, new.params, before)
   return update, new.batch_stats, jax.device_get(metrics)
 
