@@ -1,15 +1,17 @@
-"""The training state as the compiled step carries it: the momentum and the
-two EMAs each in one flat buffer.
+"""The training state as the compiled step carries it: parameters,
+momentum and both EMAs in flat vectors.
 
 XLA:CPU compiles every fused loop of a program on its own, and an update
 written leaf by leaf writes one buffer per leaf: momentum, weight and EMA for
-each of D0's 493 parameters and the EMA of its 216 BN statistics came to
-about 3,500 kernels, most of the step's compile (`benchmarks/
-step_anatomy.py`). Here the momentum of the trained parameters, the EMA of
-the parameters and the EMA of the BN statistics are each one float32 vector
-(leaves concatenated in `jax.tree.leaves` order), updated by a few fused
-loops (`train/update.py: apply_packed_update`). Parameters and BN
-statistics stay trees: the model reads them.
+each of D0's 493 parameters and the EMA of its 216 BN statistics, with the
+per-leaf sums of squares for the clipping, made most of the step's kernels
+and of its compile (`benchmarks/step_anatomy.py`). Here the parameters,
+their momentum and their EMA are each one float32 vector (leaves in
+`jax.tree.leaves` order, each starting on a `BLOCK` boundary) and the EMA
+of the BN statistics another, updated by a few fused loops
+(`train/update.py: apply_packed_update`). The model reads its parameters
+as slices of the vector (`Layout.params_tree`); the BN statistics stay a
+tree, which the model writes.
 
 `TrainState` stays the state everything else sees: checkpoints (same
 format), evaluation, `Trainer.step_fn`'s callers and `train_and_evaluate`'s
@@ -141,6 +143,9 @@ class Layout:
     if len(jax.tree.leaves(a.opt_state)) != len(trace_keys):
       raise ValueError('the optimizer state holds arrays other than traces')
     index = {k: i for i, k in enumerate(keys)}
+    unknown = [k for k in trace_keys if k not in index]
+    if unknown:
+      raise ValueError(f'accumulators without a parameter: {unknown[:3]}')
     # Param leaf of each accumulator, in the optimizer state's order.
     self.trace_params = [index[k] for k in trace_keys]
 

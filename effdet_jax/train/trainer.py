@@ -188,11 +188,15 @@ class Trainer:
     self._step = make_train_step(
       self.model, config, self.anchors, self.lr_fn, wd_mask, **step_kw
     )
-    # The loop's form of the state: momentum and EMAs in flat buffers
-    # (train/packed.py), for a step that compiles in a fraction of the
-    # time. None where the state cannot be packed: the loop then runs the
-    # TrainState step.
+    # The loop's form of the state: parameters, momentum and both EMAs in
+    # flat vectors (train/packed.py), for a step that compiles in a fraction
+    # of the time. None where the state cannot be packed (a leaf that is
+    # not float32 or not replicated): the loop then runs the TrainState step.
     try:
+      if not all(
+        s.is_fully_replicated for s in jax.tree.leaves(self.state_shardings)
+      ):
+        raise ValueError('a state leaf is not replicated')
       self.layout = packed.Layout(self.abstract_state)
     except ValueError as err:
       logging.info('training state not packed: %s', err)
@@ -499,6 +503,10 @@ def train_and_evaluate(
         logging.info('resumed from step %d', int(state.step))
         if config.get('init_from') and config.init_from.path:
           logging.info('init_from ignored: the workdir has its own checkpoint')
+      # The loop's form; the TrainState's own arrays are dropped here (its
+      # BN statistics and counters are shared, and donated to the first
+      # step), not held through the run.
+      state = trainer.to_loop(state)
       timer.mark('init')
       return _loop(
         config,
@@ -528,7 +536,8 @@ def _loop(
   timer,
   compiler,
 ):
-  """The steps, evaluations and saves of `train_and_evaluate`."""
+  """The steps, evaluations and saves of `train_and_evaluate`; `state`
+  in the loop's form (`Trainer.to_loop`)."""
   t = config.train
   start = int(state.step)
   total = trainer.steps.total
@@ -561,9 +570,14 @@ def _loop(
   step_exec = None
   logging.info('training steps %d..%d of %d', start + 1, total, total)
   # The loop carries the trainer's packed form (train/packed.py); saves,
-  # evaluations and the caller get the TrainState, made only when needed.
-  state = trainer.to_loop(state)
-  tree = lambda: trainer.from_loop(state)  # noqa: E731
+  # evaluations and the caller get the TrainState, made when needed, once
+  # per step, and dropped before the next step runs.
+  unpacked = {}
+
+  def tree() -> TrainState:
+    if unpacked.get('of') is not state:
+      unpacked.update(of=state, tree=trainer.from_loop(state))
+    return unpacked['tree']
 
   def save_and_exit(done, eval_metrics=None):
     run.check(state)
@@ -584,6 +598,7 @@ def _loop(
         except input_feed.InputStopped:
           save_and_exit(step)
         batch = dict(batch, learning_rate=trainer.learning_rate(step))
+        unpacked.clear()
         if step_exec is None:
           # Compiled explicitly, so the start-up line can tell the compile
           # from the data wait and the first step (shapes are static: one

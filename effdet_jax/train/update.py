@@ -214,13 +214,17 @@ def apply_packed_update(
 
   def applied(operands):
     st, g, factors, lr, new_bs, stats = operands
-    if g is None:
-      return st.replace(step=step, batch_stats=new_bs)
+    decay = optimizer.ema_decay(step, ema_decay)
+    ema = lambda e, v: e - (1.0 - decay) * (e - v)  # noqa: E731 - ema_update
+    if g is None:  # no parameters
+      return st.replace(
+        step=step,
+        batch_stats=new_bs,
+        ema_batch_stats=ema(st.ema_batch_stats, stats),
+      )
     clipped = (g * factors[jnp.asarray(layout.block_leaf)][:, None]).reshape(-1)
     trace = momentum * st.trace + clipped
     params = st.params - lr * trace
-    decay = optimizer.ema_decay(step, ema_decay)
-    ema = lambda e, v: e - (1.0 - decay) * (e - v)  # noqa: E731 - ema_update
     return st.replace(
       step=step,
       params=params,
