@@ -95,30 +95,3 @@ def official_counts() -> dict:
   path = shared_path('reference', 'official-counts.json')
   return json.loads(path.read_text())
 
-
-# The files with the longest tests, longest first (seconds of a fresh-clone
-# CI run on 2 cores: multiprocess ~290, learning ~190, sharding ~220, ...).
-# `--dist loadfile` hands files to the workers in collection order, so
-# starting these first lets the short files fill the other worker instead
-# of one worker running the slow tail alone.
-_LONG_FILES_FIRST = (
-  'test_train_multiprocess.py',
-  'test_train_sharding.py',
-  'test_train_learning.py',
-  'test_train_resume.py',
-  'test_packed_state.py',
-  'test_files_remote.py',
-  'test_step_compile.py',
-  'test_train_official.py',
-  'test_freeze.py',
-  'test_oracle_parity.py',
-  'test_plan_memory.py',
-  'test_backends.py',
-  'test_train_checkpoint.py',
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(_LONG_FILES_FIRST)}
-  # Stable: the order within a file, and of the other files, is kept.
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
