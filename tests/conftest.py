@@ -94,4 +94,3 @@ def official_counts() -> dict:
 
   path = shared_path('reference', 'official-counts.json')
   return json.loads(path.read_text())
-
