@@ -95,6 +95,28 @@ def _traces(opt_state: PyTree) -> dict[str, jax.Array]:
   return out
 
 
+def _stats_and_ok(loss, total, new_batch_stats):
+  """(the new BN statistics as one float32 vector, whether the loss, the
+  gradients' sum of squares `total` and the statistics are all finite):
+  one concatenation and one dot for all statistics (they are small)."""
+  stats = [
+    x.astype(jnp.float32).reshape(-1) for x in jax.tree.leaves(new_batch_stats)
+  ]
+  stats = jnp.concatenate(stats) if stats else jnp.zeros((0,))
+  stats_total = jnp.dot(stats, jnp.ones_like(stats))
+  ok = jnp.isfinite(loss) & jnp.isfinite(total) & jnp.isfinite(stats_total)
+  return stats, ok
+
+
+def _skipped_state(state, step):
+  """`state` after a skipped update: only the step and skip counters move."""
+  return state.replace(
+    step=step,
+    num_skipped=state.num_skipped + 1,
+    last_skipped_step=state.step,
+  )
+
+
 def apply_update(
   state: TrainState,
   grads: PyTree,
@@ -124,13 +146,7 @@ def apply_update(
   )
   total = jnp.sum(sumsq)
   factors = clip_factors(sumsq, clip_norm)
-  stats = [
-    x.astype(jnp.float32).reshape(-1) for x in jax.tree.leaves(new_batch_stats)
-  ]
-  stats = jnp.concatenate(stats) if stats else jnp.zeros((1,))
-  # One concatenation and one dot for all statistics (they are small).
-  stats_total = jnp.dot(stats, jnp.ones_like(stats))
-  ok = jnp.isfinite(loss) & jnp.isfinite(total) & jnp.isfinite(stats_total)
+  _, ok = _stats_and_ok(loss, total, new_batch_stats)
   step = state.step + 1
 
   def applied(operands):
@@ -155,12 +171,7 @@ def apply_update(
     )
 
   def skipped(operands):
-    st = operands[0]
-    return st.replace(
-      step=step,
-      num_skipped=st.num_skipped + 1,
-      last_skipped_step=st.step,
-    )
+    return _skipped_state(operands[0], step)
 
   new_state = jax.lax.cond(
     ok, applied, skipped, (state, grad_leaves, factors, lr, new_batch_stats)
@@ -204,12 +215,7 @@ def apply_packed_update(
     sumsq = jnp.zeros((1,))
   total = jnp.sum(sumsq)
   factors = clip_factors(sumsq, clip_norm)
-  stats = [
-    x.astype(jnp.float32).reshape(-1) for x in jax.tree.leaves(new_batch_stats)
-  ]
-  stats = jnp.concatenate(stats) if stats else jnp.zeros((0,))
-  stats_total = jnp.dot(stats, jnp.ones_like(stats))
-  ok = jnp.isfinite(loss) & jnp.isfinite(total) & jnp.isfinite(stats_total)
+  stats, ok = _stats_and_ok(loss, total, new_batch_stats)
   step = state.step + 1
 
   def applied(operands):
@@ -235,12 +241,7 @@ def apply_packed_update(
     )
 
   def skipped(operands):
-    st = operands[0]
-    return st.replace(
-      step=step,
-      num_skipped=st.num_skipped + 1,
-      last_skipped_step=st.step,
-    )
+    return _skipped_state(operands[0], step)
 
   new_state = jax.lax.cond(
     ok, applied, skipped, (state, g, factors, lr, new_batch_stats, stats)
