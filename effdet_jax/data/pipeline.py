@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from effdet_jax.data import checks, position, preprocess, sources
+from effdet_jax.data.as_written import as_written
 
 
 def _host(process_index, process_count) -> tuple[int, int]:
@@ -98,8 +99,8 @@ def examples(
         max_instances=int(data.max_instances_per_image),
       ),
     )
-    ds = ds.map(load, num_parallel_calls=_parallel(config))
-    ds = ds.filter(lambda i, ex: ex['ok'])
+    ds = ds.map(as_written(load), num_parallel_calls=_parallel(config))
+    ds = ds.filter(as_written(lambda i, ex: ex['ok']))
   return ds.with_options(_options(config))
 
 
@@ -132,9 +133,13 @@ def train_dataset(
     start=start,
   )
   ds = ds.map(
-    lambda where, ex: dict(
-      preprocess.train_preprocess(ex, _example_seed(config, pi, where), params),
-      position=where,
+    as_written(
+      lambda where, ex: dict(
+        preprocess.train_preprocess(
+          ex, _example_seed(config, pi, where), params
+        ),
+        position=where,
+      )
     ),
     num_parallel_calls=_parallel(config),
   )
@@ -177,7 +182,9 @@ def eval_dataset(
   batch = host_batch_size(int(config.eval.batch_size), pc)
   ds = examples(config, 'eval', stats=stats, process_index=pi, process_count=pc)
   ds = ds.map(
-    lambda i, ex: dict(preprocess.eval_preprocess(ex, params), valid=True),
+    as_written(
+      lambda i, ex: dict(preprocess.eval_preprocess(ex, params), valid=True)
+    ),
     num_parallel_calls=_parallel(config),
   )
   pad = tf.data.Dataset.from_tensors(_padding_example(params))

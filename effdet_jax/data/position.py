@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from effdet_jax.data.as_written import as_written
+
 _EPOCHS = 2**40  # "forever" for tf.data.Dataset.range
 
 
@@ -72,9 +74,11 @@ def epochs(
       tf.constant(0, tf.int64),
     )
     items = epoch(e).skip(skip).enumerate(start=skip)
-    return items.map(lambda offset, item: (tf.stack([e, offset]), item))
+    return items.map(
+      as_written(lambda offset, item: (tf.stack([e, offset]), item))
+    )
 
-  return tf.data.Dataset.range(first, _EPOCHS).flat_map(one)
+  return tf.data.Dataset.range(first, _EPOCHS).flat_map(as_written(one))
 
 
 def to_payload(

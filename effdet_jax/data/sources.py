@@ -40,6 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from effdet_jax.data import label_maps, position, synthetic, tfrecord_format
+from effdet_jax.data.as_written import as_written
 
 SOURCES = ('tfrecord', 'tfds', 'coco_json', 'synthetic')
 
@@ -59,7 +60,7 @@ def raw_examples(
   split = _split_key(split)
   if split == 'train':
     return train_examples(config, process_index, process_count).map(
-      lambda _, ex: ex
+      as_written(lambda _, ex: ex)
     )
   data = config.data
   shard = (process_index, process_count)
@@ -71,10 +72,13 @@ def raw_examples(
     table = _coco_table(config, data.eval_json, data.eval_images)
     index, count = shard
     ds = tf.data.Dataset.range(len(table['image_id'])).shard(count, index)
-    return ds.map(_gather(table), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.map(
+      as_written(_gather(table)), num_parallel_calls=tf.data.AUTOTUNE
+    )
   if data.source == 'synthetic':
     return _synthetic_ids(data, 'eval', shard).map(
-      _synthetic_fn(data, 'eval'), num_parallel_calls=tf.data.AUTOTUNE
+      as_written(_synthetic_fn(data, 'eval')),
+      num_parallel_calls=tf.data.AUTOTUNE,
     )
   raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
 
@@ -114,7 +118,8 @@ def train_examples(
   else:
     raise ValueError(f'unknown data.source {data.source!r}; valid: {SOURCES}')
   return position.epochs(epoch, start).map(
-    lambda p, item: (p, finish(item)), num_parallel_calls=tf.data.AUTOTUNE
+    as_written(lambda p, item: (p, finish(item))),
+    num_parallel_calls=tf.data.AUTOTUNE,
   )
 
 
@@ -153,7 +158,7 @@ def _read_records(names, num_files, data, shard, by_file) -> tf.data.Dataset:
   """Serialized records of the file names in `names`, `cycle_length` files
   at a time; where hosts share files, every count-th record."""
   ds = names.interleave(
-    lambda f: tf.data.TFRecordDataset(f).prefetch(1),
+    as_written(lambda f: tf.data.TFRecordDataset(f).prefetch(1)),
     cycle_length=min(data.cycle_length, num_files),
     block_length=1,
     num_parallel_calls=tf.data.AUTOTUNE,
@@ -175,7 +180,9 @@ def _tfrecord_eval(pattern, data, shard) -> tf.data.Dataset:
   files, by_file = _host_files(pattern, shard)
   names = tf.data.Dataset.from_tensor_slices(files)
   ds = _read_records(names, len(files), data, shard, by_file)
-  return ds.map(tfrecord_format.parse, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(
+    as_written(tfrecord_format.parse), num_parallel_calls=tf.data.AUTOTUNE
+  )
 
 
 def _tfrecord_epochs(pattern, data, shard):
@@ -233,7 +240,7 @@ def _tfds(name, split, data, shard) -> tf.data.Dataset:
   """The eval split, read once."""
   finish = _tfds_finish(name)
   ds = _tfds_load(name, split, False, data, shard)
-  return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(as_written(finish), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _tfds_epochs(data, shard):
