@@ -9,7 +9,9 @@ the loss and its gradients alone, (b) the whole step on a `TrainState`
 (each parameter, accumulator, EMA and BN statistic its own buffer, so the
 update's share grows with the number of variables, not the image size) and
 (c) the whole step as the training loop runs it, on the packed state
-(`effdet_jax/train/packed.py`: momentum and EMAs in flat buffers), and
+(`effdet_jax/train/packed.py`: momentum and EMAs in flat buffers), with
+XLA's default options and with the trainer's (`cpu/compile_options.py`
+on a CPU), and
 prints for each the trace + lowering time, the XLA compile time and the
 number of fusions in the compiled program.
 """
@@ -24,11 +26,11 @@ import time
 from effdet_jax.cpu import malloc_tuning
 
 
-def _measure(fn, *args) -> tuple[float, float, int]:
+def _measure(fn, *args, options=None) -> tuple[float, float, int]:
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  compiled = lowered.compile(options or None)
   t2 = time.perf_counter()
   return t1 - t0, t2 - t1, (compiled.as_text() or '').count(' fusion(')
 
@@ -49,6 +51,7 @@ def main():
   from effdet_jax import config_files, ops  # noqa: PLC0415
   from effdet_jax.detection import losses, targets  # noqa: PLC0415
   from effdet_jax.tools.benchmark import _random_batch  # noqa: PLC0415
+  from effdet_jax.train import step_compile  # noqa: PLC0415
   from effdet_jax.train import trainer as trainer_lib  # noqa: PLC0415
 
   ops.set_backend(args.backend)
@@ -91,12 +94,19 @@ def main():
       s.params, s.batch_stats, b
     )
   )
+  options = step_compile.step_compiler_options()
   rows = [
     ('loss + gradients', _measure(grads, state, batch)),
     ('whole step, TrainState', _measure(tr.step_fn(batch), state, batch)),
     (
-      "whole step, packed (the loop's)",
+      'whole step, packed, default options',
       _measure(tr.loop_step_fn(batch), tr.to_loop(state), batch),
+    ),
+    (
+      f"whole step, packed, the trainer's options {options}",
+      _measure(
+        tr.loop_step_fn(batch), tr.to_loop(state), batch, options=options
+      ),
     ),
   ]
   leaves = len(jax.tree.leaves(state.params))

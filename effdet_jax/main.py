@@ -208,6 +208,13 @@ def _main(argv):
   _initialize_distributed(f)
   # Before anything traces the model; logs the choice.
   ops.set_backend(f.backend)
+  compilation_cache.enable(f.config)
+  if f.mode in ('train', 'train_and_eval'):
+    from effdet_jax.train import step_compile  # noqa: PLC0415
+
+    # The first step's memory, faulted in beside the imports and the
+    # restore (one CPU device with the malloc tunables only).
+    step_compile.reserve_heap(f.config)
   import tensorflow as tf  # noqa: PLC0415 - tf.data only, no accelerators
 
   tf.config.set_visible_devices([], 'GPU')
@@ -222,7 +229,6 @@ def _main(argv):
 
   config, workdir = f.config, f.workdir
   _check_workdir(workdir)
-  compilation_cache.enable(config)
   if f.mode == 'eval':
     from effdet_jax.evaluation import runner  # noqa: PLC0415
 

@@ -177,8 +177,13 @@ def test_a_second_run_loads_the_step_and_trains_the_same(tmp_path):
 
   first = run('a')
   assert 'training step: compiled\n' in first
+  # The step's memory is recorded beside it (runtime/executable_cache.py:
+  # heap_hint), and the next run faults it in ahead (cpu/heap_reserve.py).
+  hints = list((cache / 'effdet_jax_executables').glob('train_step-*.heap'))
+  assert len(hints) == 1 and int(hints[0].read_text()) > (1 << 20)
   second = run('b', '--config.train.log_every_steps=2')
   assert 'training step: loaded' in second
+  assert 'heap reserve: faulting in' in second
   from effdet_jax import load
 
   a = jax.device_get(load(str(tmp_path / 'a'))[1])

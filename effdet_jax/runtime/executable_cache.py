@@ -149,21 +149,73 @@ def _mtime(p: str) -> float:
   return os.stat(p).st_mtime_ns / 1e9
 
 
-def _evict(folder: str) -> None:
+def _evict(folder: str, suffix: str = '.bin') -> None:
   try:
-    names = [n for n in files.listdir(folder) if n.endswith('.bin')]
+    names = [n for n in files.listdir(folder) if n.endswith(suffix)]
     if len(names) <= KEEP:
       return
     paths = [files.join(folder, n) for n in names]
     stamps = {p: _mtime(p) for p in paths}
     for p in sorted(paths, key=stamps.get)[: len(paths) - KEEP]:
       files.remove(p)
+      with contextlib.suppress(OSError):
+        files.remove(_hint_path(p))
   except Exception as err:  # noqa: BLE001 - eviction is best effort
     logging.warning('executable cache: eviction failed: %s', err)
 
 
 def _path(name: str, config_json: str, args: Any) -> str:
   return files.join(_folder(), f'{name}-{key(name, config_json, args)}.bin')
+
+
+def _hint_path(name: str, config_json: str) -> str:
+  # Keyed by the config alone (no traced inputs): read at process start,
+  # before the model exists.
+  h = hashlib.sha256()
+  for part in (
+    name,
+    config_json,
+    jax.__version__,
+    jaxlib.__version__,
+    repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
+    os.environ.get('XLA_FLAGS', ''),
+    sources_digest(),
+  ):
+    h.update(part.encode())
+    h.update(b'\0')
+  return files.join(_folder(), f'{name}-{h.hexdigest()[:32]}.heap')
+
+
+def heap_hint(name: str, config_json: str) -> int | None:
+  """The bytes one call of program `name` of this config allocated
+  (temporaries and outputs not aliased to inputs), as `store_heap_hint`
+  recorded them; None when not recorded or the cache is off."""
+  if not enabled():
+    return None
+  try:
+    return int(files.read_text(_hint_path(name, config_json)))
+  except Exception:  # noqa: BLE001 - missing or unreadable: no hint
+    return None
+
+
+def store_heap_hint(name: str, config_json: str, compiled: Any) -> None:
+  """Records `heap_hint` from `compiled`'s memory analysis (best effort)."""
+  if not enabled():
+    return
+  try:
+    path = _hint_path(name, config_json)
+    m = compiled.memory_analysis()
+    nbytes = str(
+      int(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    )
+    if files.exists(path) and files.read_text(path) == nbytes:
+      files.path(path).touch()  # newest use: kept longest
+      return
+    files.makedirs(_folder())
+    files.write_text(path, nbytes)
+    _evict(_folder(), '.heap')
+  except Exception as err:  # noqa: BLE001 - a hint is optional
+    logging.info('executable cache: no heap hint (%s)', err)
 
 
 def load(name: str, config_json: str, args: tuple) -> Any | None:
@@ -199,13 +251,19 @@ def load(name: str, config_json: str, args: tuple) -> Any | None:
 
 
 def compile_and_store(
-  jitted: Any, args: tuple, *, name: str, config_json: str
+  jitted: Any,
+  args: tuple,
+  *,
+  name: str,
+  config_json: str,
+  compiler_options: dict | None = None,
 ) -> tuple[Any, str]:
-  """`jitted.lower(*args).compile()`, stored when the cache is on and XLA
-  compiled it here. Returns (compiled, how): how is 'compiled' or
-  'compiled (not stored: <reason>)'."""
+  """`jitted.lower(*args).compile(compiler_options)`, stored when the cache
+  is on and XLA compiled it here; `config_json` must name the options.
+  Returns (compiled, how): how is 'compiled' or 'compiled (not stored:
+  <reason>)'."""
   _local.hits = _local.compiles = 0
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args).compile(compiler_options or None)
   if not enabled():
     return compiled, 'compiled'
   if _local.hits or not _local.compiles:
@@ -230,7 +288,12 @@ def compile_and_store(
 
 
 def load_or_compile(
-  jitted: Any, args: tuple, *, name: str, config_json: str
+  jitted: Any,
+  args: tuple,
+  *,
+  name: str,
+  config_json: str,
+  compiler_options: dict | None = None,
 ) -> tuple[Any, str]:
   """`jitted.lower(*args).compile()`, from the cache when it holds it.
 
@@ -240,4 +303,10 @@ def load_or_compile(
   compiled = load(name, config_json, args)
   if compiled is not None:
     return compiled, 'loaded'
-  return compile_and_store(jitted, args, name=name, config_json=config_json)
+  return compile_and_store(
+    jitted,
+    args,
+    name=name,
+    config_json=config_json,
+    compiler_options=compiler_options,
+  )

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from effdet_jax.cpu import compile_options, heap_reserve
 from effdet_jax.runtime import executable_cache
 
 AHEAD_MIN_CORES = 4
@@ -47,6 +48,48 @@ _SCHEDULE_FIELDS = (
   'divergence_factor',
   'divergence_window',
 )
+
+
+def step_config_json(config: Any) -> str:
+  """The config sections the training step is built from, as the
+  executable cache's key part (train/trainer.py: Trainer,
+  train/train_step.py: make_train_step); data, eval and checkpointing
+  reach the step only through the batch's shapes, which the cache keys
+  separately. The schedule's fields are left out: the trainer passes the
+  learning rate as an input (train/train_step.py), so a run that changes
+  only its schedule reuses the program. The compile options
+  (`step_compiler_options`) are part of it."""
+  sections = {
+    k: json.loads(config[k].to_json_best_effort()) for k in _STEP_SECTIONS
+  }
+  for name in _SCHEDULE_FIELDS:
+    sections['train'].pop(name, None)
+  sections['compiler_options'] = step_compiler_options()
+  return json.dumps(sections, sort_keys=True)
+
+
+def step_compiler_options() -> dict:
+  """XLA compile options of the training step on this process's default
+  backend (cpu/compile_options.py; {} on TPU and GPU)."""
+  return compile_options.step_options(jax.default_backend())
+
+
+def reserve_heap(config: Any) -> None:
+  """Starts faulting in the memory the first training step of `config`
+  will take, as the executable cache recorded it (cpu/heap_reserve.py):
+  on one CPU device with the malloc tunables, else nothing. Call it on
+  the main thread as early as the config is known; `StepCompiler.get`
+  frees it for the first step."""
+  if jax.device_count() != 1 or jax.devices()[0].platform != 'cpu':
+    return
+  if not heap_reserve.applies():
+    return
+  nbytes = executable_cache.heap_hint('train_step', step_config_json(config))
+  if nbytes:
+    # Room for the small buffers a step allocates beside its temporaries
+    # (the batch, metrics, TF's): carved from the freed block before the
+    # temporaries, they would otherwise push those onto fresh pages.
+    heap_reserve.start(nbytes + nbytes // 16 + (64 << 20))
 
 
 def batch_spec(config: Any, batch_shardings) -> dict[str, Any]:
@@ -107,18 +150,7 @@ class StepCompiler:
     compile_ahead: bool | None = None,
   ):
     self._trainer = trainer
-    # The sections the step is built from (train/trainer.py: Trainer,
-    # train/train_step.py: make_train_step); data, eval and checkpointing
-    # reach it only through the batch's shapes, which are in the key.
-    # The schedule's fields are left out: the trainer passes the learning
-    # rate as an input (train/train_step.py), so a run that changes only
-    # its schedule reuses the program.
-    sections = {
-      k: json.loads(config[k].to_json_best_effort()) for k in _STEP_SECTIONS
-    }
-    for name in _SCHEDULE_FIELDS:
-      sections['train'].pop(name, None)
-    self._config_json = json.dumps(sections, sort_keys=True)
+    self._config_json = step_config_json(config)
     self._predicted = predicted
     self._compile_ahead = (
       compiles_ahead() if compile_ahead is None else compile_ahead
@@ -168,11 +200,22 @@ class StepCompiler:
       self._args(batch),
       name='train_step',
       config_json=self._config_json,
+      compiler_options=step_compiler_options(),
     )
     return compiled
 
   def get(self, batch: dict) -> Any:
-    """The compiled step for `batch` (waits for the background work)."""
+    """The compiled step for `batch` (waits for the background work);
+    frees the heap reserve for the first step to use."""
+    compiled = self._get(batch)
+    if self.how in ('loaded', 'compiled'):
+      executable_cache.store_heap_hint(
+        'train_step', self._config_json, compiled
+      )
+    heap_reserve.release()  # the first step's memory, faulted in
+    return compiled
+
+  def _get(self, batch: dict) -> Any:
     if self._future is not None:
       compiled = self._future.result()
       if _avals(batch) == _avals(self._predicted):
@@ -188,5 +231,6 @@ class StepCompiler:
       self._args(batch),
       name='train_step',
       config_json=self._config_json,
+      compiler_options=step_compiler_options(),
     )
     return compiled

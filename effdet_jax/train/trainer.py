@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from effdet_jax import api, files, initialization
+from effdet_jax.cpu import heap_reserve
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.runtime import (
   checkpoint,
@@ -521,6 +522,7 @@ def train_and_evaluate(
         compiler,
       )
     finally:
+      heap_reserve.release()  # a run that stopped before its first step
       ckpt.close()
 
 
