@@ -103,7 +103,7 @@ def main():
       _measure(tr.loop_step_fn(batch), tr.to_loop(state), batch),
     ),
     (
-      f"whole step, packed, the trainer's options {options}",
+      "whole step, packed, the trainer's compile options",
       _measure(
         tr.loop_step_fn(batch), tr.to_loop(state), batch, options=options
       ),
@@ -120,6 +120,7 @@ def main():
   print('|---|---|---|---|')
   for name, (lower_s, compile_s, fusions) in rows:
     print(f'| {name} | {lower_s:.1f} s | {compile_s:.1f} s | {fusions} |')
+  print(f"\nthe trainer's compile options: {options or 'none (defaults)'}")
   sys.stdout.flush()
 
 
