@@ -129,6 +129,38 @@ def test_executable_cache_round_trip(tmp_path):
   assert 'unreadable' in out.stderr  # the corrupt file's warning
 
 
+def test_the_init_trace_is_cached_and_gives_the_same_state(tmp_path):
+  """`Trainer(cache_trace=True)` stores the model's abstract init trace
+  (structure and initialisers) and a second trainer takes it from there:
+  the same structure, the same initialisers, the same fresh state bit for
+  bit; a corrupt entry is traced again."""
+  from train_utils import tiny_config
+
+  from effdet_jax.train.trainer import Trainer
+
+  before = jax.config.values.get('jax_compilation_cache_dir')
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'cache'))
+  try:
+    config = tiny_config(batch_size=2)
+    config.mesh.data = 1
+    devices = jax.devices()[:1]
+    first = Trainer(config, str(tmp_path), devices, cache_trace=True)
+    [stored] = (tmp_path / 'cache' / executable_cache.SUBDIR).glob('*.pkl')
+    second = Trainer(config, str(tmp_path), devices, cache_trace=True)
+    assert second._traced[1] == first._traced[1]  # path -> initialiser
+    assert jax.tree.structure(second._traced[0]) == jax.tree.structure(
+      first._traced[0]
+    )
+    a, b = first.host_state(), second.host_state()
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+    stored.write_bytes(b'not a pickle')
+    third = Trainer(config, str(tmp_path), devices, cache_trace=True)
+    assert third._traced[1] == first._traced[1]
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
+
+
 def test_executable_cache_is_off_without_the_compilation_cache():
   before = jax.config.values.get('jax_compilation_cache_dir')
   jax.config.update('jax_compilation_cache_dir', None)
@@ -181,6 +213,7 @@ def test_a_second_run_loads_the_step_and_trains_the_same(tmp_path):
   # heap_hint), and the next run faults it in ahead (cpu/heap_reserve.py).
   hints = list((cache / 'effdet_jax_executables').glob('train_step-*.heap'))
   assert len(hints) == 1 and int(hints[0].read_text()) > (1 << 20)
+  assert list((cache / 'effdet_jax_executables').glob('init_trace-*.pkl'))
   second = run('b', '--config.train.log_every_steps=2')
   assert 'training step: loaded' in second
   assert 'heap reserve: faulting in' in second

@@ -284,3 +284,29 @@ def test_step_update_skips_a_nonfinite_step(bad):
     strict=True,
   ):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+  'clip, freeze', [(10.0, False), (0.0, False), (10.0, True)]
+)
+def test_host_initial_state_is_the_chains_init(clip, freeze):
+  """The trainer draws the optimizer state on the host as zeros from its
+  abstract form; for every chain `make_optimizer` builds, that is
+  `tx.init` exactly (structure, dtypes, values)."""
+  params = {
+    'conv': {'kernel': jnp.ones((3, 3, 4, 8)), 'bias': jnp.full((8,), 2.0)},
+    'bn': {'scale': jnp.ones((8,))},
+  }
+  frozen = None
+  if freeze:
+    frozen = {
+      'conv': {'kernel': True, 'bias': False},
+      'bn': {'scale': False},
+    }
+  tx = optimizer.make_optimizer(0.9, clip, frozen)
+  want = tx.init(params)
+  got = optimizer.host_initial_state(jax.eval_shape(tx.init, params))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert isinstance(g, np.ndarray) and g.dtype == w.dtype
+    np.testing.assert_array_equal(g, w)

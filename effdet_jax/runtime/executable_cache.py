@@ -158,8 +158,6 @@ def _evict(folder: str, suffix: str = '.bin') -> None:
     stamps = {p: _mtime(p) for p in paths}
     for p in sorted(paths, key=stamps.get)[: len(paths) - KEEP]:
       files.remove(p)
-      with contextlib.suppress(OSError):
-        files.remove(_hint_path(p))
   except Exception as err:  # noqa: BLE001 - eviction is best effort
     logging.warning('executable cache: eviction failed: %s', err)
 
@@ -168,9 +166,9 @@ def _path(name: str, config_json: str, args: Any) -> str:
   return files.join(_folder(), f'{name}-{key(name, config_json, args)}.bin')
 
 
-def _hint_path(name: str, config_json: str) -> str:
-  # Keyed by the config alone (no traced inputs): read at process start,
-  # before the model exists.
+def _config_path(name: str, config_json: str, suffix: str) -> str:
+  # Keyed by the config alone (no traced inputs): read before the model
+  # or its inputs exist.
   h = hashlib.sha256()
   for part in (
     name,
@@ -183,7 +181,43 @@ def _hint_path(name: str, config_json: str) -> str:
   ):
     h.update(part.encode())
     h.update(b'\0')
-  return files.join(_folder(), f'{name}-{h.hexdigest()[:32]}.heap')
+  return files.join(_folder(), f'{name}-{h.hexdigest()[:32]}{suffix}')
+
+
+def _hint_path(name: str, config_json: str) -> str:
+  return _config_path(name, config_json, '.heap')
+
+
+def load_object(name: str, config_json: str) -> Any | None:
+  """The object `store_object` stored for (name, config), or None (not
+  stored, cache off, unreadable: then removed)."""
+  if not enabled():
+    return None
+  path = _config_path(name, config_json, '.pkl')
+  try:
+    if not files.exists(path):
+      return None
+    obj = pickle.loads(files.read_bytes(path))
+    files.path(path).touch()  # newest use: kept longest
+    return obj
+  except Exception as err:  # noqa: BLE001 - any failure: recompute
+    logging.warning('executable cache: %s unreadable (%s)', path, err)
+    with contextlib.suppress(OSError):
+      files.remove(path)
+    return None
+
+
+def store_object(name: str, config_json: str, obj: Any) -> None:
+  """Stores a picklable `obj` under (name, config) (best effort)."""
+  if not enabled():
+    return
+  try:
+    files.makedirs(_folder())
+    path = _config_path(name, config_json, '.pkl')
+    files.write_bytes(path, pickle.dumps(obj))
+    _evict(_folder(), '.pkl')
+  except Exception as err:  # noqa: BLE001 - the run goes on uncached
+    logging.info('executable cache: %s not stored (%s)', name, err)
 
 
 def heap_hint(name: str, config_json: str) -> int | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -104,6 +105,15 @@ def make_optimizer(
       {'train': tx, 'frozen': optax.set_to_zero()}, labels
     )
   return tx
+
+
+def host_initial_state(abstract_state: PyTree) -> PyTree:
+  """`make_optimizer(...).init(params)` as NumPy arrays, from its abstract
+  form (`jax.eval_shape(tx.init, params)`), with no program compiled: every
+  part of that chain starts at zero (the momentum trace; the clipping and
+  `set_to_zero` keep no state; `multi_transform`'s masked nodes have no
+  leaves). tests/test_train_optimizer.py checks it against `tx.init`."""
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_state)
 
 
 def ema_decay(step_after_update, decay: float):
