@@ -71,6 +71,9 @@ def test_no_reserve_where_it_cannot_serve_xla(monkeypatch):
     assert heap_reserve.start(0) is None and heap_reserve.start(None) is None
     monkeypatch.setenv('GLIBC_TUNABLES', '')  # buffers would be mmap-ed
     assert not heap_reserve.applies()
+    # A user's own mmap_max (malloc_tuning keeps it): mmap-ed too.
+    monkeypatch.setenv('GLIBC_TUNABLES', tuned.replace('max=0', 'max=65536'))
+    assert not heap_reserve.applies()
     assert heap_reserve.start(1 << 20) is None
     monkeypatch.setenv('GLIBC_TUNABLES', tuned)
     jax.config.update('jax_cpu_enable_async_dispatch', True)

@@ -12,7 +12,9 @@ variables. Contents:
   f32; else jnp forms that XLA:CPU fuses well), and the fusions that need
   a layer to see the next one; `blocks.py` builds the model's blocks from
   them.
-* `malloc_tuning.py`: glibc malloc settings for XLA:CPU processes.
+* `malloc_tuning.py`: glibc malloc settings for XLA:CPU processes;
+  `heap_reserve.py`: the first training step's heap faulted in ahead;
+  `compile_options.py`: XLA:CPU compile options of the training step.
 
 `forms()` is what `ops.set_backend('cpu')` installs.
 """

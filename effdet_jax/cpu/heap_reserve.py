@@ -26,22 +26,21 @@ process's environment and one-device inline dispatch, on the main thread.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
 import logging
+import mmap
+import os
 import threading
 
 from effdet_jax.cpu import malloc_tuning
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
 
 
-def _libc() -> ctypes.CDLL | None:
-  name = ctypes.util.find_library('c')
-  if not name:
-    return None
+def _libc() -> ctypes.CDLL:
   # CDLL calls release the GIL: the thread faults pages while Python runs.
-  libc = ctypes.CDLL(name, use_errno=True)
+  libc = ctypes.CDLL(None, use_errno=True)
   libc.malloc.restype = ctypes.c_void_p
   libc.malloc.argtypes = [ctypes.c_size_t]
   libc.free.argtypes = [ctypes.c_void_p]
@@ -54,7 +53,12 @@ def applies() -> bool:
   """Whether a reserve can serve XLA's buffers in this process: glibc,
   the tunables in effect (set at process start), inline CPU dispatch, and
   called from the main thread (only its heap is the one XLA uses)."""
-  if not (malloc_tuning.applies() and malloc_tuning.is_tuned()):
+  if not malloc_tuning.applies():
+    return False
+  # By value: a user's own mmap_max (kept by malloc_tuning) would have
+  # glibc mmap the block and unmap it again at free.
+  tunables = os.environ.get('GLIBC_TUNABLES', '').split(':')
+  if 'glibc.malloc.mmap_max=0' not in tunables:
     return False
   if threading.current_thread() is not threading.main_thread():
     return False
@@ -78,8 +82,12 @@ class HeapReserve:
   def _populate(self) -> None:
     start = -(-self._address // _PAGE) * _PAGE
     length = (self._address + self.nbytes - start) // _PAGE * _PAGE
-    if self._libc.madvise(start, length, _MADV_POPULATE_WRITE) != 0:
-      self._libc.memset(self._address, 0, self.nbytes)  # older kernels
+    if self._libc.madvise(start, length, _MADV_POPULATE_WRITE) == 0:
+      return
+    if ctypes.get_errno() == errno.EINVAL:  # kernels before 5.14
+      self._libc.memset(self._address, 0, self.nbytes)
+    # Any other error (ENOMEM): leave the pages to the step, as without a
+    # reserve, rather than force what the kernel refused.
 
   def release(self) -> None:
     """Waits for the faulting to end, then frees the block (idempotent)."""
@@ -93,6 +101,19 @@ class HeapReserve:
 _pending: HeapReserve | None = None
 
 
+def _available_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (None where there is none): the
+  reserve is held beside the start-up's other memory."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
 def start(nbytes: int | None) -> HeapReserve | None:
   """Allocates `nbytes` on the main heap and starts faulting them in; the
   process's pending reserve until `release()`. None (and nothing done)
@@ -101,9 +122,11 @@ def start(nbytes: int | None) -> HeapReserve | None:
   global _pending
   if not nbytes or nbytes <= 0 or _pending is not None or not applies():
     return None
-  libc = _libc()
-  if libc is None:
+  available = _available_bytes()
+  if available is not None and nbytes > available // 2:
+    logging.info('heap reserve: %d bytes is over half the free memory', nbytes)
     return None
+  libc = _libc()
   address = libc.malloc(int(nbytes))
   if not address:
     logging.info('heap reserve: malloc(%d) refused', nbytes)

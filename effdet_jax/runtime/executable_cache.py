@@ -16,7 +16,11 @@ stored: XLA:CPU serialises a deserialised executable without its kernels
 stored the next time XLA compiles it (e.g. with a new JAX cache folder).
 
 Files live in `<compilation_cache.dir>/effdet_jax_executables/`, beside
-JAX's own cache, and only the newest `KEEP` are kept. It is used by
+JAX's own cache, and only the newest `KEEP` are kept. Beside them, keyed by
+the config alone (no traced inputs, so they can be read before the model
+exists): `.heap`, the bytes a program allocates per call (`heap_hint`), and
+`.pkl`, picklable objects such as the model's abstract init trace
+(`load_object`); the newest `KEEP` of each kind are kept. It is used by
 single-process runs only: an executable of a multi-process computation is
 not serialised.
 """
@@ -177,6 +181,9 @@ def _config_path(name: str, config_json: str, suffix: str) -> str:
     jaxlib.__version__,
     repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
     os.environ.get('XLA_FLAGS', ''),
+    os.environ.get('LIBTPU_INIT_ARGS', ''),
+    ops.backend(),
+    repr([(o, jax.config.values.get(o)) for o in _JAX_OPTIONS]),
     sources_digest(),
   ):
     h.update(part.encode())
@@ -329,7 +336,8 @@ def load_or_compile(
   config_json: str,
   compiler_options: dict | None = None,
 ) -> tuple[Any, str]:
-  """`jitted.lower(*args).compile()`, from the cache when it holds it.
+  """`jitted.lower(*args).compile(compiler_options)`, from the cache when
+  it holds it.
 
   Returns (compiled, how): how is 'loaded', 'compiled' or 'compiled
   (not stored: <reason>)'.

@@ -80,9 +80,7 @@ def reserve_heap(config: Any) -> None:
   on one CPU device with the malloc tunables, else nothing. Call it on
   the main thread as early as the config is known; `StepCompiler.get`
   frees it for the first step."""
-  if jax.device_count() != 1 or jax.devices()[0].platform != 'cpu':
-    return
-  if not heap_reserve.applies():
+  if not _reserve_applies():
     return
   nbytes = executable_cache.heap_hint('train_step', step_config_json(config))
   if nbytes:
@@ -90,6 +88,15 @@ def reserve_heap(config: Any) -> None:
     # (the batch, metrics, TF's): carved from the freed block before the
     # temporaries, they would otherwise push those onto fresh pages.
     heap_reserve.start(nbytes + nbytes // 16 + (64 << 20))
+
+
+def _reserve_applies() -> bool:
+  """One CPU device, and the heap a reserve can serve (heap_reserve.py)."""
+  return (
+    jax.device_count() == 1
+    and jax.devices()[0].platform == 'cpu'
+    and heap_reserve.applies()
+  )
 
 
 def batch_spec(config: Any, batch_shardings) -> dict[str, Any]:
@@ -208,7 +215,7 @@ class StepCompiler:
     """The compiled step for `batch` (waits for the background work);
     frees the heap reserve for the first step to use."""
     compiled = self._get(batch)
-    if self.how in ('loaded', 'compiled'):
+    if self.how in ('loaded', 'compiled') and _reserve_applies():
       executable_cache.store_heap_hint(
         'train_step', self._config_json, compiled
       )

@@ -594,6 +594,8 @@ def _loop(
   run = _Run(config, start)
   alone = jax.process_count() == 1
   step_exec = None
+  if start >= total:
+    heap_reserve.release()  # no step to use it
   logging.info('training steps %d..%d of %d', start + 1, total, total)
   # The loop carries the trainer's packed form (train/packed.py); saves,
   # evaluations and the caller get the TrainState, made when needed, once
