@@ -87,16 +87,13 @@ def _describe(tree: Any) -> str:
   return repr((str(treedef), [leaf(x) for x in leaves]))
 
 
-def key(name: str, config_json: str, args: Any) -> str:
-  """The cache key of program `name` for a config and its inputs."""
-  devices = jax.devices()
-  parts = [
-    name,
-    config_json,
-    _describe(args),
+def _environment() -> list[str]:
+  """What besides the config and the inputs decides a compiled program:
+  versions, devices, XLA flags, the ops backend, JAX options, sources."""
+  return [
     jax.__version__,
     jaxlib.__version__,
-    repr([(d.platform, d.device_kind, d.id) for d in devices]),
+    repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
     str(jax.process_count()),
     os.environ.get('XLA_FLAGS', ''),
     os.environ.get('LIBTPU_INIT_ARGS', ''),
@@ -104,11 +101,19 @@ def key(name: str, config_json: str, args: Any) -> str:
     repr([(o, jax.config.values.get(o)) for o in _JAX_OPTIONS]),
     sources_digest(),
   ]
+
+
+def _digest(parts: list[str]) -> str:
   h = hashlib.sha256()
   for part in parts:
     h.update(part.encode())
     h.update(b'\0')
   return h.hexdigest()[:32]
+
+
+def key(name: str, config_json: str, args: Any) -> str:
+  """The cache key of program `name` for a config and its inputs."""
+  return _digest([name, config_json, _describe(args), *_environment()])
 
 
 _local = threading.local()
@@ -173,22 +178,8 @@ def _path(name: str, config_json: str, args: Any) -> str:
 def _config_path(name: str, config_json: str, suffix: str) -> str:
   # Keyed by the config alone (no traced inputs): read before the model
   # or its inputs exist.
-  h = hashlib.sha256()
-  for part in (
-    name,
-    config_json,
-    jax.__version__,
-    jaxlib.__version__,
-    repr([(d.platform, d.device_kind, d.id) for d in jax.devices()]),
-    os.environ.get('XLA_FLAGS', ''),
-    os.environ.get('LIBTPU_INIT_ARGS', ''),
-    ops.backend(),
-    repr([(o, jax.config.values.get(o)) for o in _JAX_OPTIONS]),
-    sources_digest(),
-  ):
-    h.update(part.encode())
-    h.update(b'\0')
-  return files.join(_folder(), f'{name}-{h.hexdigest()[:32]}{suffix}')
+  digest = _digest([name, config_json, *_environment()])
+  return files.join(_folder(), f'{name}-{digest}{suffix}')
 
 
 def _hint_path(name: str, config_json: str) -> str:
